@@ -1,0 +1,1 @@
+"""Kernels and code generation. Imports only the ground floor of `sparsify` (see DESIGN.md)."""

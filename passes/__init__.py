@@ -1,0 +1,1 @@
+"""Analysis and rewrite passes (installed as sparsify.passes)."""

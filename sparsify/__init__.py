@@ -1,0 +1,1 @@
+"""sparsify: a compiler for sparse neural networks."""

@@ -1,0 +1,26 @@
+"""One place for what every kernel test shares: tolerances, odd shapes, poison, error metric."""
+import torch
+
+# Relative L2 error (||out - ref|| / ||ref||) allowed per output dtype, reference in float64.
+# fp32 dots in Triton default to tf32 on GPU (about 3e-4), hence not 1e-6.
+TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# (M, K, N) for linear-shaped kernels: M is tokens, K the reduction, N the outputs. Odd on purpose.
+ODD_LINEAR_SHAPES = [(1, 64, 48), (3, 96, 80), (17, 128, 112), (33, 160, 64), (70, 192, 144)]
+
+
+def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.double(), ref.double()
+    assert not torch.isnan(out64).any(), "NaN in output (unwritten element or overflow)"
+    return ((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30)).item()
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill an output buffer with NaN so any element the kernel forgets to write fails the test."""
+    return t.fill_(float("nan"))
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
+    return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
