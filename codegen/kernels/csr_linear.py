@@ -1,0 +1,216 @@
+"""Unstructured-sparse linear through torch's CSR matmul: y = epilogue(x @ W^T), W in CSR form.
+
+This family has no Triton kernel (yet): it is the CPU candidate for highly sparse weights that the
+cost model times against dense. torch multiplies a CSR matrix by a dense one with MKL on CPU (and
+cuSPARSE on CUDA), so the sparse operand is W itself: y^T = W_csr @ x^T, transposed back.
+
+Layout (nn.Linear convention, W is [N_out, K] = [out_features, in_features]), what `pack_csr` returns
+(`weight.to_sparse_csr()`) taken apart into plain tensors so the op's arguments stay dense:
+
+- `crow` [N_out + 1] int32 or int64: row r owns entries crow[r] .. crow[r+1]-1.
+- `col`  [nnz], crow's dtype: the column of each entry, ascending within a row.
+- `values` [nnz], x's dtype.
+
+Dtypes: MKL's CSR kernels exist only for float32/float64, so on CPU float16/bfloat16 inputs are
+computed in float32 (values and x upcast per call) and the result cast back; that is the float32
+accumulation every sparsify linear promises anyway. On CUDA the inputs' dtype goes to cuSPARSE as is.
+
+Entry points: `pack_csr` / `unpack_csr`, `csr_linear_torch` (the torch-CSR path), `csr_linear_reference`
+(dense torch, same signature), `csr_linear` (the `sparsify::csr_linear` custom op, works under
+torch.compile and torch.export).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+
+from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_reference
+
+# Part of the cost-cache key: bump when the computation or its checks change.
+KERNEL_VERSION = "csr_linear-1"
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def pack_csr(weight: torch.Tensor) -> torch.Tensor:
+    """A dense [N_out, K] weight as a torch sparse CSR tensor (zeros dropped; a NaN is kept)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be a 2-D [N_out, K] tensor, got {_shape(weight)}")
+    if weight.layout != torch.strided:
+        raise ValueError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return weight.detach().to_sparse_csr()
+
+
+def unpack_csr(w: torch.Tensor) -> torch.Tensor:
+    """Dense [N_out, K] weight from a CSR tensor (tests, debugging)."""
+    if not isinstance(w, torch.Tensor) or w.layout != torch.sparse_csr:
+        raise ValueError(f"expected a torch.sparse_csr tensor, got {getattr(w, 'layout', type(w).__name__)}")
+    return w.to_dense()
+
+
+def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes: bool) -> None:
+    for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not _is_int(n_out) or n_out < 0:
+        raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
+    if not _is_int(k_in) or k_in < 0:
+        raise ValueError(f"k_in must be a non-negative int, got {k_in!r}")
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"x must be [..., k_in={k_in}], got {tuple(x.shape)}")
+    allowed = _DTYPES if kernel_dtypes else _DTYPES + (torch.float64,)
+    if x.dtype not in allowed:
+        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
+        raise TypeError(f"crow and col must share an index dtype in {_INDEX_DTYPES}, got "
+                        f"{crow.dtype} and {col.dtype}")
+    if crow.dim() != 1 or crow.shape[0] != n_out + 1:
+        raise ValueError(f"crow must be [n_out + 1] = [{n_out + 1}], got {tuple(crow.shape)}")
+    if col.dim() != 1 or values.dim() != 1 or col.shape[0] != values.shape[0]:
+        raise ValueError(f"col and values must be 1-D of the same length nnz, got {tuple(col.shape)} "
+                         f"and {tuple(values.shape)}")
+    for name, t in (("crow", crow), ("col", col), ("values", values)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    lead = tuple(x.shape[:-1])
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must have shape ({n_out},), got {_shape(bias)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
+            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
+                             f"got {_shape(residual)}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_indices(crow, col, k_in: int, check: Optional[bool]) -> None:
+    """Index contents. MKL trusts them (an out-of-range column reads or writes out of bounds), so they
+    are checked by default on CPU; on CUDA reading them would sync the stream, so only on request."""
+    if check is None:
+        check = crow.device.type != "cuda"
+    if not check:
+        return
+    nnz = col.shape[0]
+    if int(crow[0]) != 0 or int(crow[-1]) != nnz or bool((crow[1:] < crow[:-1]).any()):
+        raise ValueError(f"crow must rise from 0 to nnz={nnz}, got first={int(crow[0])}, last={int(crow[-1])}")
+    if nnz and (int(col.min()) < 0 or int(col.max()) >= k_in):
+        raise ValueError(f"col indices must lie in [0, k_in={k_in}), got [{int(col.min())}, {int(col.max())}]")
+
+
+def _check_out(out, shape, dtype, device) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {_shape(out)}")
+    if out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
+
+
+def _epilogue(acc, x, bias, residual, activation, rows, n_out):
+    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
+    res2 = residual.reshape(rows, n_out) if residual is not None else None
+    return apply_reference(acc, epi, bias=bias, residual=res2, out_dtype=x.dtype)
+
+
+def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                     n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
+                     residual: Optional[torch.Tensor] = None, activation: str = "none",
+                     out: Optional[torch.Tensor] = None, *,
+                     check_indices: Optional[bool] = None) -> torch.Tensor:
+    """y[..., n_out] = epilogue(x[..., k_in] @ W^T) with W = CSR(crow, col, values) [n_out, k_in].
+
+    `out`, if given, is written and returned (x.shape[:-1] + (n_out,), x.dtype).
+    """
+    _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes=True)
+    _check_indices(crow, col, k_in, check_indices)
+    lead = tuple(x.shape[:-1])
+    _check_out(out, lead + (n_out,), x.dtype, x.device)
+    rows = math.prod(lead)
+    if rows == 0 or n_out == 0:
+        return out if out is not None else x.new_empty(lead + (n_out,))
+    # See the module docstring: MKL has no half-precision CSR kernels.
+    compute = x.dtype if (x.is_cuda or x.dtype == torch.float32) else torch.float32
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        w = torch.sparse_csr_tensor(crow, col, values.to(compute), size=(n_out, k_in),
+                                    check_invariants=False)
+    x2 = x.reshape(rows, k_in).to(compute)
+    acc = torch.mm(w, x2.t()).t()                                     # [rows, n_out]
+    if acc.dtype != torch.float32 and (bias is not None or residual is not None or activation != "none"):
+        acc = acc.float()
+    y = _epilogue(acc, x, bias, residual, activation, rows, n_out).reshape(lead + (n_out,))
+    if out is not None:
+        return out.copy_(y)
+    return y.contiguous()
+
+
+def csr_linear_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                         n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
+                         residual: Optional[torch.Tensor] = None, activation: str = "none",
+                         out: Optional[torch.Tensor] = None, *,
+                         check_indices: Optional[bool] = None) -> torch.Tensor:
+    """Dense torch version of `csr_linear_torch` (same signature): densify W, multiply in float32
+    (float64 for float64 inputs, which the tests use as ground truth), apply the shared epilogue."""
+    _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes=False)
+    _check_indices(crow, col, k_in, check_indices)
+    lead = tuple(x.shape[:-1])
+    _check_out(out, lead + (n_out,), x.dtype, x.device)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    counts = (crow[1:] - crow[:-1]).long()
+    row_of = torch.repeat_interleave(torch.arange(n_out, device=x.device), counts)
+    w = torch.zeros(n_out, k_in, dtype=acc_dtype, device=x.device)
+    w.index_put_((row_of, col.long()), values.to(acc_dtype), accumulate=True)
+    acc = x.reshape(-1, k_in).to(acc_dtype) @ w.t()
+    y = _epilogue(acc, x, bias, residual, activation, acc.shape[0], n_out).reshape(lead + (n_out,))
+    return y if out is None else out.copy_(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op: what models call, so torch.compile / torch.export see one opaque node
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsify::csr_linear", mutates_args=())
+def _csr_linear_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                   n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
+                   residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    # No Triton kernel for this family: every device runs torch's CSR matmul.
+    return csr_linear_torch(x, crow, col, values, n_out, k_in, bias, residual, activation)
+
+
+@_csr_linear_op.register_fake
+def _(x, crow, col, values, n_out, k_in, bias=None, residual=None, activation="none"):
+    return x.new_empty(x.shape[:-1] + (n_out,))
+
+
+def csr_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+               residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    """y = epilogue(x @ W^T) for a CSR weight from `pack_csr`, through the `sparsify::csr_linear` op."""
+    if not isinstance(w, torch.Tensor) or w.layout != torch.sparse_csr:
+        raise ValueError(f"w must be a torch.sparse_csr tensor (pack_csr), got "
+                         f"{getattr(w, 'layout', type(w).__name__)}")
+    n_out, k_in = w.shape
+    return torch.ops.sparsify.csr_linear(x, w.crow_indices(), w.col_indices(), w.values(), n_out, k_in,
+                                         bias, residual, activation)

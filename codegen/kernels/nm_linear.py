@@ -1,0 +1,573 @@
+"""N:M structured-sparse linear: y = epilogue(x @ W^T) with W stored as its kept values plus indices.
+
+N:M sparsity (nn.Linear convention, W is [N_out, K] = [out_features, in_features]): in every group of
+m consecutive weights of a row along K, at most n are nonzero. 2:4 is the case GPUs accelerate in
+hardware; 1:4, 2:8, ... are the same format with other constants.
+
+Why a compressed format at all: a GEMM with few tokens (M = 1..16) is memory bound, its time is the
+time to read W. The compressed form reads n/m of the values plus a few bits of indices (2:4 fp16:
+K bytes of values + K/8 bytes of metadata per row, against 2K bytes dense), so it can be faster than
+the dense GEMM even though it does the same dense `tl.dot` after expanding W in registers.
+
+Layout, G = ceil(K / m) groups per row:
+
+- `values` [N_out, G * n], the weight's dtype: the n kept values of each group, in position order.
+  A group with fewer than n nonzeros is padded with zeros at unused positions, so the n positions of
+  a group are always distinct (the kernel may then select by position without caring about order).
+- `meta` uint8 [N_out, ceil(G * n / (8 // BITS))]: the position (0..m-1) inside its group of every
+  stored value, BITS bits each, where BITS = 1, 2, 4 for m <= 2, 4, 16 (ceil(log2 m) rounded up to a
+  power of two so that no index straddles a byte). Index j = g * n + i of a row lives in byte
+  j // (8 // BITS) at bit (j % (8 // BITS)) * BITS, lowest bits first. For 2:4 that is 4 bits per
+  group, two groups per byte, [N_out, ceil(G / 2)] bytes. For m in 5..8 the 4-bit slots waste one bit
+  per index (a 2:8 row carries 1 metadata bit per weight instead of 0.75); the values dominate anyway.
+
+K not a multiple of m: the last group is partial (size s = K - (G-1) * m). `nm_mask` keeps
+min(n, s) of it; packing treats the positions >= s as zeros, so a padding slot may point there, and
+the kernel never reads x past K. No ValueError for such K: odd in_features are common enough.
+
+Entry points: `nm_mask` / `pack_nm` / `unpack_nm` (host-side weight handling), `nm_linear_triton`
+(Triton launch), `nm_linear_reference` (torch, same signature), `nm_linear` (the `sparsify::nm_linear`
+custom op, works under torch.compile and torch.export). For large M on Ampere+ GPUs, cuSPARSELt's 2:4
+GEMM may beat the Triton kernel: `semi_structured_available`, `pack_cslt`, and the `sparsify::cslt_linear`
+op (`cslt_linear`) wrap it, for the cost model to time against the others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsify.codegen import runtime
+from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
+
+# Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
+KERNEL_VERSION = "nm_linear-1"
+
+MAX_M = 16
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+
+
+# ----------------------------------------------------------------------------------------------
+# Format helpers
+# ----------------------------------------------------------------------------------------------
+
+def _check_nm(n, m) -> tuple[int, int]:
+    for name, v in (("n", n), ("m", m)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"N:M sparsity: {name} must be an int, got {v!r}")
+    if not 0 < n < m:
+        raise ValueError(f"N:M sparsity {n}:{m}: need 0 < n < m")
+    if m > MAX_M:
+        raise ValueError(f"N:M sparsity {n}:{m}: m must be <= {MAX_M}")
+    return n, m
+
+
+def meta_bits(m: int) -> int:
+    """Bits per stored index: ceil(log2 m) rounded up to 1, 2 or 4 so an index never straddles a byte."""
+    return 1 if m <= 2 else 2 if m <= 4 else 4
+
+
+def num_groups(k: int, m: int) -> int:
+    return -(-k // m)
+
+
+def meta_cols(k: int, n: int, m: int) -> int:
+    """Bytes of metadata per row for a K-wide row at n:m."""
+    per_byte = 8 // meta_bits(m)
+    return -(-(num_groups(k, m) * n) // per_byte)
+
+
+@dataclasses.dataclass(frozen=True)
+class NMWeight:
+    """An [n_out, k] weight in N:M-compressed form; see the module docstring for the layout."""
+
+    values: torch.Tensor  # [n_out, ceil(k / m) * n], the weight's dtype
+    meta: torch.Tensor    # uint8 [n_out, meta_cols(k, n, m)]
+    n: int
+    m: int
+    k: int
+
+    @property
+    def n_out(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel reads for W: what the cost model compares with the dense n_out * k."""
+        return self.values.numel() * self.values.element_size() + self.meta.numel()
+
+
+def _groups(t: torch.Tensor, m: int, fill: float) -> torch.Tensor:
+    """[R, K] -> [R, G, m], the last group padded with `fill`."""
+    r, k = t.shape
+    g = num_groups(k, m)
+    if g * m != k:
+        t = torch.nn.functional.pad(t, (0, g * m - k), value=fill)
+    return t.reshape(r, g, m)
+
+
+def _check_2d(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor) or t.dim() != 2:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a 2-D [N_out, K] tensor, got {shape}")
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool [N_out, K] keeping the n largest |scores| of every group of m consecutive columns.
+
+    The last group, when K is not a multiple of m, keeps min(n, its size). Ties are broken
+    arbitrarily (torch.topk); NaN scores count as largest.
+    """
+    _check_2d(scores, "scores")
+    n, m = _check_nm(n, m)
+    r, k = scores.shape
+    # -inf padding is never preferred over a real column, and is sliced away afterwards.
+    grouped = _groups(scores.detach().abs().float(), m, float("-inf"))
+    keep = torch.topk(grouped, n, dim=-1).indices
+    mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(r, -1)[:, :k]
+
+
+def _pack_meta(positions: torch.Tensor, m: int) -> torch.Tensor:
+    """int64 [R, L] positions in 0..m-1 -> uint8 [R, ceil(L / per_byte)] (layout in module docstring)."""
+    bits = meta_bits(m)
+    per_byte = 8 // bits
+    r, length = positions.shape
+    padded = torch.nn.functional.pad(positions, (0, (-length) % per_byte))
+    shifts = torch.arange(per_byte, device=positions.device) * bits
+    packed = (padded.reshape(r, -1, per_byte) << shifts).sum(-1)
+    return packed.to(torch.uint8)
+
+
+def _unpack_meta(meta: torch.Tensor, length: int, m: int) -> torch.Tensor:
+    """Inverse of `_pack_meta`: uint8 [R, B] -> int64 [R, length]."""
+    bits = meta_bits(m)
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, device=meta.device) * bits
+    idx = (meta.long()[..., None] >> shifts) & ((1 << bits) - 1)
+    return idx.reshape(meta.shape[0], -1)[:, :length]
+
+
+def pack_nm(weight: torch.Tensor, n: int, m: int) -> NMWeight:
+    """Compress a dense [N_out, K] weight that is n:m sparse (a NaN counts as nonzero).
+
+    Raises ValueError naming the first row and group with more than n nonzeros; prune with
+    `weight * nm_mask(weight, n, m)` first.
+    """
+    _check_2d(weight, "weight")
+    n, m = _check_nm(n, m)
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    r, k = weight.shape
+    grouped = _groups(weight.detach(), m, 0.0)                       # [R, G, m]
+    nonzero = grouped != 0
+    counts = nonzero.sum(-1)
+    bad = (counts > n).nonzero()
+    if bad.numel():
+        row, group = (int(v) for v in bad[0])
+        raise ValueError(
+            f"weight is not {n}:{m} sparse: row {row}, group {group} (columns {group * m}.."
+            f"{min(k, (group + 1) * m) - 1}) has {int(counts[row, group])} nonzeros "
+            f"({int(bad.shape[0])} groups over the limit in all); prune with nm_mask first")
+    # Rank nonzeros first, then the lowest unused positions, so every group gets n distinct
+    # positions; then sort the chosen positions so values are stored in position order.
+    pos = torch.arange(m, device=weight.device)
+    key = nonzero.float() * (2 * m) + (m - 1 - pos).float()
+    positions = torch.topk(key, n, dim=-1).indices.sort(dim=-1).values  # [R, G, n]
+    values = torch.gather(grouped, -1, positions).reshape(r, -1).contiguous()
+    meta = _pack_meta(positions.reshape(r, -1), m).contiguous()
+    return NMWeight(values=values, meta=meta, n=n, m=m, k=k)
+
+
+def _unpack(values: torch.Tensor, meta: torch.Tensor, k: int, n: int, m: int) -> torch.Tensor:
+    r = values.shape[0]
+    g = num_groups(k, m)
+    positions = _unpack_meta(meta, g * n, m).reshape(r, g, n)
+    dense = values.new_zeros(r, g, m)
+    dense.scatter_(-1, positions, values.reshape(r, g, n))
+    return dense.reshape(r, g * m)[:, :k]
+
+
+def unpack_nm(w: NMWeight) -> torch.Tensor:
+    """Dense [n_out, k] weight from its compressed form (tests, debugging, the torch reference)."""
+    return _unpack(w.values, w.meta, w.k, w.n, w.m)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _nm_linear_kernel(
+    x_ptr, v_ptr, meta_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_vn, stride_metan, stride_rm, stride_rn, stride_om, stride_on,
+    KEEP: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, ONE_BYTE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One [BLOCK_M, BLOCK_N] tile of out = epilogue(x @ W^T), W in KEEP:GROUP (n:m) compressed form.
+
+    x_ptr: [M, K], strides (stride_xm, stride_xk). v_ptr: [N, ceil(K/GROUP)*KEEP], strides
+    (stride_vn, 1). meta_ptr: uint8 [N, meta bytes], strides (stride_metan, 1), BITS bits per index.
+    bias_ptr: [N] (read iff HAS_BIAS). res_ptr: [M, N], strides (stride_rm, stride_rn) (read iff
+    HAS_RESIDUAL). out_ptr: [M, N], strides (stride_om, stride_on).
+    ONE_BYTE: a group's KEEP indices share one metadata byte (2:4, 1:4, 2:8, ...), so one load per
+    group serves them all; otherwise each index is fetched on its own.
+    UPCAST_DOT: feed tl.dot float32 tiles; set only for bfloat16 under TRITON_INTERPRET, whose tl.dot
+    multiplies bfloat16 bit patterns (triton-lang/triton#11584, "not supported yet"). bf16 x bf16
+    products are exact in float32, so the result is what the GPU's bf16 dot computes.
+    """
+    # Grouped program order (Triton tutorial 03): consecutive programs share x rows and W columns
+    # in L2. A 1-D grid also has no 65535 limit on the M dimension.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 before the strides: M * K and N * K can exceed 2^31.
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    v_rows = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn
+    meta_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_metan
+
+    PER_BYTE: tl.constexpr = 8 // BITS
+    IDX_MASK: tl.constexpr = (1 << BITS) - 1
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x_tile = tl.load(x_rows + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+
+        # Expand the compressed W tile to dense [BLOCK_N, BLOCK_K] in registers: column k sits in
+        # group g at position p; it is the stored value of g whose index equals p, or zero. The
+        # KEEP candidates of a group are adjacent in memory, so these gathers hit the same lines.
+        g = offs_k // GROUP
+        p = offs_k % GROUP
+        w_mask = mask_n[:, None] & mask_k[None, :]
+        first = g * KEEP
+        if ONE_BYTE:
+            byte = tl.load(meta_rows + (first // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
+        w_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=x_ptr.dtype.element_ty)
+        for i in tl.static_range(KEEP):
+            j = first + i
+            if not ONE_BYTE:
+                byte = tl.load(meta_rows + (j // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
+            idx = (byte >> ((j % PER_BYTE) * BITS)[None, :]) & IDX_MASK
+            val = tl.load(v_rows + j[None, :], mask=w_mask, other=0.0)
+            w_tile = tl.where(idx == p[None, :], val, w_tile)
+
+        if UPCAST_DOT:
+            x_tile = x_tile.to(tl.float32)
+            w_tile = w_tile.to(tl.float32)
+        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+
+    offs_m64 = offs_m.to(tl.int64)
+    acc = apply_epilogue(acc, offs_m64, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn,
+                         HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N - 1)[None, :])
+
+
+def _config_for(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a hand heuristic until GPU tuning replaces it.
+
+    Few tokens (the case this format is for) are memory bound: a 16-row tile wastes the least of
+    tl.dot's minimum, narrow BLOCK_N gives enough programs to keep every SM streaming W, and a long
+    BLOCK_K makes each program's reads long. Larger M moves towards the usual compute-bound tiles.
+    """
+    if M <= 16:
+        return 16, (32 if N <= 8192 else 64), 128, 4, 3
+    if M <= 64:
+        return (32 if M <= 32 else 64), 64, 64, 4, 3
+    return 128, 128, 32, 8, 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrapper and reference
+# ----------------------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _shape(t) -> object:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
+                kernel_dtypes: bool):
+    """Shared argument checks of the wrapper and the reference; returns out_dtype."""
+    for name, t in (("x", x), ("values", values), ("meta", meta)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    n, m = _check_nm(n, m)
+    if not _is_int(n_out) or n_out < 0:
+        raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
+    if not _is_int(k_in) or k_in < 0:
+        raise ValueError(f"k_in must be a non-negative int, got {k_in!r}")
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"x must be [..., k_in={k_in}], got {tuple(x.shape)}")
+    allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
+    if x.dtype not in allowed:
+        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"meta must be uint8, got {meta.dtype}")
+    want_values = (n_out, num_groups(k_in, m) * n)
+    if tuple(values.shape) != want_values:
+        raise ValueError(f"values must be [n_out, ceil(k_in/m)*n] = {want_values} for {n}:{m}, "
+                         f"got {tuple(values.shape)}")
+    want_meta = (n_out, meta_cols(k_in, n, m))
+    if tuple(meta.shape) != want_meta:
+        raise ValueError(f"meta must be {want_meta} for n_out={n_out}, k_in={k_in}, {n}:{m}, "
+                         f"got {tuple(meta.shape)}")
+    for name, t in (("values", values), ("meta", meta)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_epilogue_args(x, n_out, bias, residual, activation)
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    return out_dtype
+
+
+def _check_epilogue_args(x, n_out, bias, residual, activation) -> None:
+    lead = tuple(x.shape[:-1])
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must have shape ({n_out},), got {_shape(bias)}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
+            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
+                             f"got {_shape(residual)}")
+        if not residual.dtype.is_floating_point:
+            raise TypeError(f"residual must be a floating tensor, got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def _check_out(out, shape, dtype, device) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {_shape(out)}")
+    if out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
+                     n: int, m: int, bias: Optional[torch.Tensor] = None,
+                     residual: Optional[torch.Tensor] = None, activation: str = "none",
+                     out: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None,
+                     block_m: Optional[int] = None, block_n: Optional[int] = None,
+                     block_k: Optional[int] = None, num_warps: Optional[int] = None,
+                     num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
+    """y[..., n_out] = epilogue(x[..., k_in] @ W^T), W n:m-compressed (values, meta); launches Triton.
+
+    `out`, if given, is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype, which
+    defaults to x.dtype). The keyword-only tile arguments override `_config_for` (powers of two, >= 16);
+    input_precision applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products).
+    """
+    out_dtype = _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
+                            kernel_dtypes=True)
+    if input_precision not in _INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+    lead = tuple(x.shape[:-1])
+    _check_out(out, lead + (n_out,), out_dtype, x.device)
+    if out is None:
+        out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
+    rows = math.prod(lead)
+    if rows == 0 or n_out == 0:
+        return out
+    if k_in == 0:  # an empty reduction: the epilogue of zeros, no kernel needed
+        return out.copy_(nm_linear_reference(x, values, meta, n_out, k_in, n, m, bias, residual,
+                                             activation, out_dtype=out_dtype))
+
+    x2 = x.reshape(rows, k_in)
+    out2 = out.view(rows, n_out)
+    values = values.contiguous()
+    meta = meta.contiguous()
+    # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
+    bias_arg = bias.contiguous() if bias is not None else out2
+    if residual is not None:
+        res2 = residual.reshape(rows, n_out)
+        stride_rm, stride_rn = res2.stride()
+    else:
+        res2, stride_rm, stride_rn = out2, 0, 0
+
+    cfg = _config_for(rows, n_out, k_in, x.dtype)
+    bm, bn, bk = block_m or cfg[0], block_n or cfg[1], block_k or cfg[2]
+    for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
+        if not _is_int(b) or b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+    grid = (triton.cdiv(rows, bm) * triton.cdiv(n_out, bn),)
+    bits = meta_bits(m)
+    _nm_linear_kernel[grid](
+        x2, values, meta, bias_arg, res2, out2,
+        rows, n_out, k_in,
+        x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), stride_rm, stride_rn,
+        out2.stride(0), out2.stride(1),
+        KEEP=n, GROUP=m, BITS=bits, ONE_BYTE=(8 % (n * bits) == 0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
+        HAS_RESIDUAL=residual is not None, INPUT_PRECISION=input_precision,
+        UPCAST_DOT=(x.dtype == torch.bfloat16 and runtime.interpreter_on()),
+        num_warps=num_warps or cfg[3], num_stages=num_stages or cfg[4],
+    )
+    return out
+
+
+def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
+                        n: int, m: int, bias: Optional[torch.Tensor] = None,
+                        residual: Optional[torch.Tensor] = None, activation: str = "none",
+                        out: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None,
+                        block_m: Optional[int] = None, block_n: Optional[int] = None,
+                        block_k: Optional[int] = None, num_warps: Optional[int] = None,
+                        num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
+    """Torch version of `nm_linear_triton` (same signature; launch tuning arguments are ignored).
+
+    Unpacks W, multiplies in float32 (float64 for float64 inputs, which the tests use as ground truth),
+    then applies the shared epilogue's torch implementation.
+    """
+    out_dtype = _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
+                            kernel_dtypes=False)
+    lead = tuple(x.shape[:-1])
+    _check_out(out, lead + (n_out,), out_dtype, x.device)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = _unpack(values, meta, k_in, n, m).to(acc_dtype)
+    acc = x.to(acc_dtype) @ w.t()
+    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
+    y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
+    return y if out is None else out.copy_(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op: what models call, so torch.compile / torch.export see one opaque node
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("sparsify::nm_linear", mutates_args=())
+def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
+                  n: int, m: int, bias: Optional[torch.Tensor] = None,
+                  residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    impl = nm_linear_triton if runtime.use_triton(x.device) else nm_linear_reference
+    return impl(x, values, meta, n_out, k_in, n, m, bias, residual, activation)
+
+
+@_nm_linear_op.register_fake
+def _(x, values, meta, n_out, k_in, n, m, bias=None, residual=None, activation="none"):
+    return x.new_empty(x.shape[:-1] + (n_out,))
+
+
+def nm_linear(x: torch.Tensor, w: NMWeight, bias: Optional[torch.Tensor] = None,
+              residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    """y = epilogue(x @ W^T) for a packed weight, through the `sparsify::nm_linear` op."""
+    return torch.ops.sparsify.nm_linear(x, w.values, w.meta, w.n_out, w.k, w.n, w.m,
+                                        bias, residual, activation)
+
+
+# ----------------------------------------------------------------------------------------------
+# cuSPARSELt 2:4 (torch._cslt_sparse_mm): the vendor path, usually better at large M
+# ----------------------------------------------------------------------------------------------
+
+_CSLT_DTYPES = (torch.float16, torch.bfloat16)
+# cuSPARSELt shape rules for fp16/bf16 (torch.sparse.SparseSemiStructuredTensorCUSPARSELT):
+# the sparse operand's sides are multiples of 16, the dense operand's of 8 (we pad the token rows).
+_CSLT_SPARSE_MULTIPLE = 16
+_CSLT_DENSE_MULTIPLE = 8
+
+
+def semi_structured_available(device=None) -> bool:
+    """True when torch can run cuSPARSELt 2:4 GEMMs here: a CUDA device of compute capability >= 8.0
+    and a torch build with cuSPARSELt."""
+    if not torch.cuda.is_available():
+        return False
+    cusparselt = getattr(torch.backends, "cusparselt", None)
+    if cusparselt is None or not cusparselt.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def pack_cslt(weight: torch.Tensor) -> torch.Tensor:
+    """Compress a 2:4-sparse [N_out, K] fp16/bf16 CUDA weight for `cslt_linear` (torch._cslt_compress).
+
+    N_out and K must be multiples of 16. Raises ValueError naming the row and group if the weight is
+    not 2:4 sparse, RuntimeError if cuSPARSELt is not available.
+    """
+    _check_2d(weight, "weight")
+    if weight.dtype not in _CSLT_DTYPES:
+        raise TypeError(f"cuSPARSELt weights must be one of {_CSLT_DTYPES}, got {weight.dtype}")
+    rows, k = weight.shape
+    if rows % _CSLT_SPARSE_MULTIPLE or k % _CSLT_SPARSE_MULTIPLE:
+        raise ValueError(f"cuSPARSELt needs both weight sides to be multiples of {_CSLT_SPARSE_MULTIPLE}, "
+                         f"got {tuple(weight.shape)}")
+    pack_nm(weight, 2, 4)  # only for its 2:4 check and error message
+    if weight.device.type != "cuda" or not semi_structured_available(weight.device):
+        raise RuntimeError(f"cuSPARSELt needs a CUDA device of compute capability >= 8.0 and a torch "
+                           f"build with cuSPARSELt; weight is on {weight.device}")
+    return torch._cslt_compress(weight.detach().contiguous())
+
+
+@torch.library.custom_op("sparsify::cslt_linear", mutates_args=())
+def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
+                    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                    activation: str = "none") -> torch.Tensor:
+    if x.device.type != "cuda" or compressed.device != x.device:
+        raise RuntimeError(f"sparsify::cslt_linear: cuSPARSELt needs CUDA tensors; x is on {x.device}, "
+                           f"compressed on {compressed.device}")
+    if x.dtype not in _CSLT_DTYPES:
+        raise TypeError(f"sparsify::cslt_linear: x dtype must be one of {_CSLT_DTYPES}, got {x.dtype}")
+    if compressed.dtype != x.dtype:
+        raise TypeError(f"compressed dtype {compressed.dtype} does not match x dtype {x.dtype}")
+    _check_epilogue_args(x, n_out, bias, residual, activation)
+    lead = tuple(x.shape[:-1])
+    rows, k = math.prod(lead), x.shape[-1]
+    if rows == 0:
+        return x.new_empty(lead + (n_out,))
+    x2 = x.reshape(rows, k)
+    pad = (-rows) % _CSLT_DENSE_MULTIPLE
+    if pad:
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
+    # cuSPARSELt computes W @ B with W the sparse operand: B = x^T (a transposed view, as torch's
+    # own semi-structured linear passes it) and transpose_result gives [rows, n_out] directly.
+    y = torch._cslt_sparse_mm(compressed, x2.t(), transpose_result=True)[:rows]
+    if bias is not None or residual is not None or activation != "none":
+        epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
+        res2 = residual.reshape(rows, n_out) if residual is not None else None
+        y = apply_reference(y.float(), epi, bias=bias, residual=res2, out_dtype=x.dtype)
+    return y.contiguous().reshape(lead + (n_out,))
+
+
+@_cslt_linear_op.register_fake
+def _(x, compressed, n_out, bias=None, residual=None, activation="none"):
+    return x.new_empty(x.shape[:-1] + (n_out,))
+
+
+def cslt_linear(x: torch.Tensor, compressed: torch.Tensor, n_out: int, bias: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+    """y = epilogue(x @ W^T) with W from `pack_cslt`, through the `sparsify::cslt_linear` op."""
+    return torch.ops.sparsify.cslt_linear(x, compressed, n_out, bias, residual, activation)

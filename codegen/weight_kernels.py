@@ -1,0 +1,151 @@
+"""The weight-sparse kernels the planner can choose from, behind one interface.
+
+Each `WeightKernel` knows which patterns and devices it serves, how to pack a masked (N, K) weight
+into its buffers, and the argument list of its torch custom op. The cost model times `call`, the
+rewrite pass emits `op_args` with graph nodes in place of tensors: both go through the same list, so
+what is timed is what runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from sparsify.patterns import NM, Block, Channel, Pattern, Unstructured
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    buffers: dict[str, torch.Tensor]   # become get_attr buffers on the GraphModule
+    static: dict[str, Any]             # ints / strings baked into the call
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightKernel:
+    name: str
+    version: str
+    serves: tuple                       # pattern classes
+    devices: tuple                      # "cpu", "cuda"
+    op_name: str                        # torch.ops.sparsify.<op_name>
+    pack: Callable[[torch.Tensor, Pattern], Packed]
+    arg_order: Callable[[Any, dict, dict, Any, Any, str, int, int], tuple]
+    supports: Callable[[Pattern, torch.dtype, tuple], str | None] = lambda p, dt, wshape: None
+
+    @property
+    def op(self):
+        return getattr(torch.ops.sparsify, self.op_name).default
+
+    def unsupported_reason(self, pattern: Pattern, device: torch.device, dtype: torch.dtype,
+                           weight_shape: tuple) -> str | None:
+        if not isinstance(pattern, self.serves):
+            return f"{self.name} does not serve {type(pattern).__name__}"
+        if device.type not in self.devices:
+            return f"{self.name} does not run on {device.type}"
+        return self.supports(pattern, dtype, weight_shape)
+
+    def op_args(self, x, packed_or_nodes: dict, static: dict, bias, residual, activation: str,
+                n_out: int, k_in: int) -> tuple:
+        return self.arg_order(x, packed_or_nodes, static, bias, residual, activation, n_out, k_in)
+
+    def call(self, x, packed: Packed, bias=None, residual=None, activation="none") -> torch.Tensor:
+        n_out, k_in = packed.static["n_out"], packed.static["k_in"]
+        return self.op(*self.op_args(x, packed.buffers, packed.static, bias, residual, activation, n_out, k_in))
+
+
+# ---- packers ---------------------------------------------------------------------------------
+def _pack_bsr(w: torch.Tensor, p: Pattern) -> Packed:
+    from .kernels.bsr_linear import pack_bsr
+
+    b = pack_bsr(w, p.block)
+    return Packed({"values": b.values, "row_ptr": b.row_ptr, "col_idx": b.col_idx},
+                  {"n_out": w.shape[0], "k_in": w.shape[1], "block": p.block})
+
+
+def _pack_nm(w: torch.Tensor, p: Pattern) -> Packed:
+    from .kernels.nm_linear import pack_nm
+
+    b = pack_nm(w, p.n, p.m)
+    return Packed({"values": b.values, "meta": b.meta},
+                  {"n_out": w.shape[0], "k_in": w.shape[1], "n": p.n, "m": p.m})
+
+
+def _pack_csr(w: torch.Tensor, p: Pattern) -> Packed:
+    csr = w.to_sparse_csr()
+    return Packed({"crow": csr.crow_indices(), "col": csr.col_indices(), "values": csr.values()},
+                  {"n_out": w.shape[0], "k_in": w.shape[1]})
+
+
+def _pack_cslt(w: torch.Tensor, p: Pattern) -> Packed:
+    return Packed({"compressed": torch._cslt_compress(w)}, {"n_out": w.shape[0], "k_in": w.shape[1]})
+
+
+def _nm_supports(p, dtype, wshape):
+    return None
+
+
+def _cslt_supports(p, dtype, wshape):
+    if (p.n, p.m) != (2, 4):
+        return "cuSPARSELt serves 2:4 only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"cuSPARSELt path not used for {dtype}"
+    n, k = wshape
+    if n % 16 or k % 16:
+        return f"cuSPARSELt needs out and in features divisible by 16, got {n}x{k}"
+    try:
+        from .kernels.nm_linear import semi_structured_available
+    except ImportError:
+        return "cuSPARSELt op not available"
+    return None if semi_structured_available() else "cuSPARSELt is not available in this torch build"
+
+
+KERNELS: dict[str, WeightKernel] = {}
+
+
+def register_kernel(k: WeightKernel) -> WeightKernel:
+    KERNELS[k.name] = k
+    return k
+
+
+register_kernel(WeightKernel(
+    "bsr_triton", "bsr_linear-1", (Block,), ("cuda",), "bsr_linear", _pack_bsr,
+    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, bias, res, act)))
+register_kernel(WeightKernel(
+    "nm_triton", "nm_linear-1", (NM,), ("cuda",), "nm_linear", _pack_nm,
+    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["meta"], n, k, s["n"], s["m"], bias, res, act),
+    _nm_supports))
+register_kernel(WeightKernel(
+    "cslt_2to4", "cslt-1", (NM,), ("cuda",), "cslt_linear", _pack_cslt,
+    lambda x, b, s, bias, res, act, n, k: (x, b["compressed"], n, bias, res, act),
+    _cslt_supports))
+register_kernel(WeightKernel(
+    "csr_torch", "csr_linear-1", (Unstructured, NM, Block), ("cpu", "cuda"), "csr_linear", _pack_csr,
+    lambda x, b, s, bias, res, act, n, k: (x, b["crow"], b["col"], b["values"], n, k, bias, res, act)))
+
+
+def kernels_for(pattern: Pattern, device: torch.device, dtype: torch.dtype, weight_shape: tuple):
+    """(usable kernels, {kernel name: why not usable}) for a pattern on a device."""
+    load_ops()
+    ok, why_not = [], {}
+    for k in KERNELS.values():
+        reason = k.unsupported_reason(pattern, device, dtype, weight_shape)
+        if reason is None:
+            ok.append(k)
+        elif isinstance(pattern, k.serves):
+            why_not[k.name] = reason
+    return ok, why_not
+
+
+def load_ops() -> None:
+    """Import the kernel modules so their torch.ops.sparsify.* custom ops are registered."""
+    import importlib
+
+    for mod in ("bsr_linear", "nm_linear", "csr_linear"):
+        try:
+            importlib.import_module(f"{__package__}.kernels.{mod}")
+        except ImportError as e:
+            if f"kernels.{mod}" not in str(e):
+                raise

@@ -1,0 +1,154 @@
+"""choose_patterns: per weight layer, measure candidates (error and time) and write a LayerPlan.
+
+Candidates come from the Config (explicit pattern, Auto's candidate list, or a per-fqn override).
+For each, the criterion gives a mask, every kernel that serves the pattern on the device is timed at
+the layer's real input, and the layer output error vs dense is measured on the calibration sample.
+A layer becomes sparse only when its best candidate is measured faster than dense (Config.force
+overrides that for explicit patterns) and, with Auto, its layer error is within the budget. The
+model-level budget is enforced afterwards by verification, which rolls back layers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sparsify import ir
+from sparsify.codegen import weight_kernels
+from sparsify.patterns import NM, Auto, Block, Channel, Dense, Pattern, Unstructured
+from sparsify.pipeline import PassContext, PassResult, register_pass
+from sparsify.plan import DENSE, FORCED, SPARSE, Candidate, LayerPlan
+
+from . import criteria
+from .cost import CostModel
+
+DEFAULT_AUTO_CANDIDATES = (NM(2, 4), Block(32, 0.5), Block(64, 0.25), Unstructured(0.9))
+
+
+def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def linear_weight(gm: fx.GraphModule, info: ir.LayerInfo) -> torch.Tensor:
+    """The layer's weight in linear orientation (N, K)."""
+    w = ir.fetch_attr(gm, info.weight_target).detach()
+    if info.weight_transposed:
+        w = w.t()
+    if info.op == "conv2d":
+        w = w.reshape(w.shape[0], -1)
+    return w
+
+
+def _candidates(pattern: Pattern, ctx: PassContext) -> list[Pattern]:
+    if isinstance(pattern, Auto):
+        return list(ctx.config.candidates or DEFAULT_AUTO_CANDIDATES)
+    return [pattern]
+
+
+def _dense_call(info, w, bias, x):
+    return lambda: F.linear(x, w, bias)
+
+
+@register_pass("choose_patterns", kind="analysis", default=True)
+def choose_patterns(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    cfg = ctx.config
+    cost = ctx.state.get("cost_model") or CostModel(ctx.device, cfg.timing_repeats)
+    ctx.state["cost_model"] = cost
+    plans = ctx.state.setdefault("plans", {})
+    packed_store = ctx.state.setdefault("packed", {})
+    nodes = ir.layer_nodes(gm)
+    for i, node in enumerate(nodes):
+        info: ir.LayerInfo = node.meta[ir.LAYER]
+        ctx.say(f"plan {i + 1}/{len(nodes)} {info.fqn}")
+        lp = LayerPlan(info.fqn, info.op, info.input_shape, info.weight_shape, info.output_shape)
+        requested, source = cfg.pattern_for(info.fqn, "weight")
+        lp.source = source
+        node.meta[ir.PLAN] = lp
+        plans[info.fqn] = lp
+        if requested.is_dense:
+            lp.reason = f"dense by {source}"
+            continue
+        if info.fqn in ctx.state.get("shared_weights", {}):
+            lp.reason = "weight shared with another op (tied): kept dense so the tie holds"
+            continue
+        if info.op == "conv2d":
+            lp.reason = "no weight-sparse conv kernel yet (implicit-GEMM conv is open in issue 3)"
+            continue
+        stats = node.meta.get(ir.STATS)
+        if stats is None or stats.sample is None:
+            lp.reason = "no calibration input reached this layer: kept dense"
+            continue
+        _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store)
+    return PassResult(gm, modified=False, info={"layers": len(nodes)})
+
+
+def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
+    cfg = ctx.config
+    w = linear_weight(gm, info)
+    bias = ir.fetch_attr(gm, info.bias_target).detach() if info.bias_target else None
+    x = stats.sample.to(ctx.device)
+    if x.dim() == 1:
+        x = x[None]
+    w_dev, b_dev = w.to(ctx.device), bias.to(ctx.device) if bias is not None else None
+    x = x.to(w_dev.dtype)
+    with torch.no_grad():
+        dense_out = F.linear(x, w_dev, b_dev)
+        shape_key = (tuple(x.shape), tuple(w.shape), str(w.dtype), bias is not None)
+        lp.dense_ms = cost.time(cost.key("dense", *shape_key), lambda: F.linear(x, w_dev, b_dev))
+        channel_norm = stats.channel_norm if stats.channel_sq_sum is not None else None
+        best = None
+        for pattern in _candidates(requested, ctx):
+            if isinstance(pattern, Channel):
+                lp.candidates.append(Candidate(pattern, "-", pattern.sparsity,
+                                               note="channel pruning is a graph-level pass (open)"))
+                continue
+            try:
+                s = criteria.scores(w, pattern.criterion, channel_norm, seed=cfg.seed)
+            except ValueError as e:
+                lp.candidates.append(Candidate(pattern, "-", 0.0, note=str(e)))
+                continue
+            mask = criteria.mask_for(pattern, s)
+            w_sparse = (w * mask).to(ctx.device)
+            sparsity = 1.0 - mask.float().mean().item()
+            kernels, why_not = weight_kernels.kernels_for(pattern, ctx.device, w.dtype, tuple(w.shape))
+            for name, why in why_not.items():
+                lp.candidates.append(Candidate(pattern, name, sparsity, note=why))
+            for k in kernels:
+                try:
+                    packed = k.pack(w_sparse, pattern)
+                    out = k.call(x, packed, b_dev)
+                    err = _rel_l2(out, dense_out)
+                    ms = cost.time(cost.key(k.name, k.version, pattern.to_dict(), *shape_key,
+                                            round(sparsity, 4)), lambda: k.call(x, packed, b_dev))
+                except Exception as e:  # a kernel that fails is not a candidate; say why
+                    lp.candidates.append(Candidate(pattern, k.name, sparsity,
+                                                   note=f"failed: {type(e).__name__}: {str(e)[:120]}"))
+                    continue
+                cand = Candidate(pattern, k.name, sparsity, layer_error=err, time_ms=ms)
+                lp.candidates.append(cand)
+                acceptable = err <= cfg.max_error or not isinstance(requested, Auto)
+                faster = ms < lp.dense_ms
+                if acceptable and (faster or (cfg.force and not isinstance(requested, Auto))):
+                    if best is None or ms < best[0].time_ms:
+                        best = (cand, packed)
+    if best is None:
+        tried = [c for c in lp.candidates if c.time_ms is not None]
+        if not tried:
+            lp.reason = "no kernel could run a candidate here: " + "; ".join(
+                f"{c.kernel}: {c.note}" for c in lp.candidates) if lp.candidates else "no candidates"
+        else:
+            fastest = min(tried, key=lambda c: c.time_ms)
+            over = [c for c in tried if isinstance(requested, Auto) and c.layer_error > cfg.max_error]
+            lp.reason = (f"kept dense: fastest candidate {fastest.pattern.describe()} via {fastest.kernel} "
+                         f"{fastest.time_ms:.4f} ms vs dense {lp.dense_ms:.4f} ms"
+                         + (f"; {len(over)} candidate(s) over the error budget" if over else ""))
+        return
+    cand, packed = best
+    lp.pattern, lp.kernel, lp.sparsity = cand.pattern, cand.kernel, cand.sparsity
+    lp.sparse_ms, lp.layer_error, lp.timing = cand.time_ms, cand.layer_error, cand.timing
+    lp.status = SPARSE if cand.time_ms < lp.dense_ms else FORCED
+    lp.reason = (f"{cand.pattern.describe()} via {cand.kernel}: {cand.time_ms:.4f} ms vs dense "
+                 f"{lp.dense_ms:.4f} ms ({lp.dense_ms / cand.time_ms:.2f}x), layer error {cand.layer_error:.3g}"
+                 + (" — FORCED although slower than dense" if lp.status == FORCED else ""))
+    packed_store[lp.fqn] = packed

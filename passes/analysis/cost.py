@@ -1,0 +1,95 @@
+"""Cost model: time candidate kernels at a layer's real shapes on the target device, cached on disk.
+
+Keys are (device name, dtype, input shape, weight shape, pattern, kernel name + version). Timing is
+`triton.testing.do_bench` (median, events) on CUDA and a perf_counter median on CPU. Where timing is
+impossible (no such device here) an analytic roofline estimate is returned, marked "estimated".
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_LOCK = threading.Lock()
+
+
+def cache_path() -> Path:
+    root = os.environ.get("SPARSIFY_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsify")
+    return Path(root) / "cost.json"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "_")
+    import platform
+
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+class CostModel:
+    """Measured times in milliseconds, memoised in memory and on disk (`SPARSIFY_CACHE_DIR`)."""
+
+    def __init__(self, device: torch.device, repeats: int = 20, use_disk: bool = True):
+        self.device = device
+        self.repeats = repeats
+        self.use_disk = use_disk and not os.environ.get("SPARSIFY_NO_COST_CACHE")
+        self._mem: dict[str, float] = {}
+        if self.use_disk:
+            try:
+                self._mem.update(json.loads(cache_path().read_text()))
+            except (OSError, ValueError):
+                pass
+
+    def key(self, *parts) -> str:
+        return "|".join([device_name(self.device), torch.__version__] + [str(p) for p in parts])
+
+    def time(self, key: str, fn: Callable[[], object]) -> float:
+        if key in self._mem:
+            return self._mem[key]
+        ms = self._measure(fn)
+        self._mem[key] = ms
+        if self.use_disk:
+            self._save(key, ms)
+        return ms
+
+    def _measure(self, fn) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+        with torch.no_grad():
+            for _ in range(2):
+                fn()
+            samples = []
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    def _save(self, key: str, ms: float) -> None:
+        path = cache_path()
+        with _LOCK:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    data = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    data = {}
+                data[key] = ms
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(data))
+                tmp.replace(path)
+            except OSError:
+                pass  # a read-only home must not break compilation; timings stay in memory
+
+
+def roofline_ms(flops: float, bytes_moved: float, peak_tflops: float, peak_gbps: float) -> float:
+    """Lower bound on time from arithmetic and memory traffic (used only where timing is impossible)."""
+    return max(flops / (peak_tflops * 1e9), bytes_moved / (peak_gbps * 1e6))

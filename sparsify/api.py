@@ -1,0 +1,21 @@
+"""`sparsify.compile`: the one entry point."""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .config import Config
+from .module import SparseModule
+from .pipeline import Pipeline
+
+
+def compile(model: nn.Module, example_inputs=None, config: Config | None = None, *,
+            calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False) -> SparseModule:
+    """Make `model` sparse where that is measured faster than dense and within the error budget.
+
+    example_inputs: a tensor, a tuple of positional args, or a dict of keyword args. When None,
+      capture and planning happen at the first call (like torch.compile).
+    calibration_data: an iterable of such batches to calibrate and verify on (default: the example).
+    pipeline: a custom `Pipeline` (default: the registered default passes).
+    Returns a SparseModule with the model's call signature; see .report(), .plan, .graph_module.
+    """
+    return SparseModule(model, config, example_inputs, calibration_data, pipeline, verbose)

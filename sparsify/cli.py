@@ -1,0 +1,122 @@
+"""Command line: `python -m sparsify demo` (the main job on built-in models) and `report PLAN.json`."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from . import models
+from .config import Config
+from .patterns import NM, Auto, Block, Dense, Unstructured
+from .plan import Plan
+from .report import plan_table
+
+
+def parse_pattern(text: str):
+    """auto | dense | 2:4 (any n:m) | block32:0.25 | unstructured:0.9"""
+    t = text.strip().lower()
+    try:
+        if t == "auto":
+            return Auto()
+        if t == "dense":
+            return Dense()
+        if t.startswith("block"):
+            size, _, dens = t[5:].partition(":")
+            return Block(int(size), float(dens or 0.25))
+        if t.startswith("unstructured"):
+            return Unstructured(float(t.partition(":")[2] or 0.9))
+        if ":" in t:
+            n, m = t.split(":")
+            return NM(int(n), int(m))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--pattern {text!r}: {e}") from None
+    raise argparse.ArgumentTypeError(f"--pattern {text!r}: expected auto, dense, N:M, blockB:D or "
+                                     f"unstructured:S")
+
+
+def _time_ms(fn, device, repeats=10) -> float:
+    with torch.no_grad():
+        fn()
+        if device.type == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return sorted(samples)[len(samples) // 2]
+
+
+def _demo_one(name, model, inputs, calib, cfg, device):
+    from .api import compile
+
+    print(f"\n### {name}", flush=True)
+    t0 = time.perf_counter()
+    sm = compile(model, (inputs,), cfg, calibration_data=calib, verbose=True)
+    print(sm.report())
+    with torch.no_grad():
+        dense_out, sparse_out = model(inputs), sm(inputs)
+    err = float((sparse_out.double() - dense_out.double()).norm() / dense_out.double().norm())
+    td = _time_ms(lambda: model(inputs), device)
+    ts = _time_ms(lambda: sm(inputs), device)
+    print(f"{name}: compile {time.perf_counter() - t0:.1f} s; output rel. L2 error vs dense {err:.3e}; "
+          f"forward dense {td:.3f} ms, sparse {ts:.3f} ms ({td / ts:.2f}x) on {device}")
+    return err <= cfg.max_error + 1e-12
+
+
+def cmd_demo(a) -> int:
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device(a.device)
+    cfg = Config(weight=a.pattern, max_error=a.max_error, device=a.device,
+                 dtype=a.dtype if a.dtype != "float32" or device.type == "cuda" else None)
+    ok = True
+    if a.model in ("lm", "both"):
+        m = models.tiny_lm()
+        x = models.lm_inputs(a.batch, a.seq, device=device)
+        calib = [models.lm_inputs(a.batch, a.seq, seed=s, device=device) for s in range(1, 3)]
+        ok &= _demo_one("tiny transformer LM", m.to(device), x, calib, cfg, device)
+    if a.model in ("convnet", "both"):
+        m = models.tiny_convnet()
+        x = models.image_inputs(device=device)
+        ok &= _demo_one("tiny convnet", m.to(device), x, [x], cfg, device)
+    return 0 if ok else 1
+
+
+def cmd_report(a) -> int:
+    try:
+        plan = Plan.from_json(a.plan)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: cannot read plan {a.plan!r}: {e}", file=sys.stderr)
+        return 2
+    print(plan_table(plan))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sparsify", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="compile the built-in models, verify against dense, print the report")
+    d.add_argument("--model", choices=("lm", "convnet", "both"), default="both")
+    d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    d.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    d.add_argument("--pattern", type=parse_pattern, default=Auto(), help="auto, dense, 2:4, block32:0.25, "
+                   "unstructured:0.9 (default auto)")
+    d.add_argument("--max-error", type=float, default=0.05)
+    d.add_argument("--batch", type=int, default=4)
+    d.add_argument("--seq", type=int, default=128)
+    d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("report", help="print the table of a saved plan (Plan.to_json)")
+    r.add_argument("plan", help="path to a plan JSON file")
+    r.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

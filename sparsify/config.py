@@ -1,0 +1,116 @@
+"""Config: per-family pattern choices, error budget, per-fqn overrides, dtype and device."""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from typing import Any
+
+import torch
+
+from .patterns import Auto, Dense, Pattern, PatternError, pattern_from_dict
+
+
+class ConfigError(ValueError):
+    """An invalid Config value; the message names the field."""
+
+
+_FAMILIES = ("weight", "activation", "attention", "spatial")
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """What sparsify may do to a model.
+
+    weight / activation / attention / spatial: the pattern for each family (Dense turns it off, Auto
+      lets the planner choose). Families other than weight are planned by their own passes.
+    max_error: budget for the relative L2 error of the model output vs dense on calibration data.
+    overrides: ordered (glob, Pattern) pairs matched against layer fqns; the first match wins. A glob
+      that matches no layer is an error at compile time (a typo must not silently do nothing).
+    force: keep explicit patterns even where the measured sparse time is slower than dense.
+    dtype: compute dtype of the compiled model (None keeps the model's). device: None keeps it.
+    candidates: the patterns `Auto` tries for weight layers.
+    """
+
+    weight: Pattern = dataclasses.field(default_factory=Auto)
+    activation: Pattern = dataclasses.field(default_factory=Dense)
+    attention: Pattern = dataclasses.field(default_factory=Dense)
+    spatial: Pattern = dataclasses.field(default_factory=Dense)
+    max_error: float = 0.05
+    overrides: tuple = ()
+    force: bool = False
+    dtype: str | None = None
+    device: str | None = None
+    candidates: tuple = ()
+    seed: int = 0
+    timing_repeats: int = 20
+
+    def __post_init__(self):
+        for family in _FAMILIES:
+            p = getattr(self, family)
+            if not isinstance(p, Pattern):
+                raise ConfigError(f"Config.{family} must be a Pattern (e.g. Dense(), Auto()), got {p!r}")
+            if p.family not in (family, "any"):
+                raise ConfigError(f"Config.{family}={p.describe()} is a {p.family} pattern")
+        if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or self.max_error < 0:
+            raise ConfigError(f"Config.max_error must be a number >= 0, got {self.max_error!r}")
+        if isinstance(self.overrides, dict):
+            object.__setattr__(self, "overrides", tuple(self.overrides.items()))
+        for item in self.overrides:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], Pattern)):
+                raise ConfigError(f"Config.overrides entries must be (glob, Pattern), got {item!r}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ConfigError(f"Config.dtype={self.dtype!r}; expected one of {sorted(_DTYPES)} or None")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ConfigError(f"Config.device={self.device!r}: {e}") from None
+        for c in self.candidates:
+            if not isinstance(c, Pattern) or c.family != "weight":
+                raise ConfigError(f"Config.candidates must be weight patterns, got {c!r}")
+        if not isinstance(self.timing_repeats, int) or self.timing_repeats < 1:
+            raise ConfigError(f"Config.timing_repeats must be an int >= 1, got {self.timing_repeats!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else _DTYPES[self.dtype]
+
+    def pattern_for(self, fqn: str, family: str) -> tuple[Pattern, str]:
+        """The pattern for a layer and where it came from ("override 'glob'" or "config.<family>")."""
+        for glob, pattern in self.overrides:
+            if fnmatch.fnmatchcase(fqn, glob) and pattern.family in (family, "any"):
+                return pattern, f"override {glob!r}"
+        return getattr(self, family), f"config.{family}"
+
+    def check_overrides_match(self, fqns) -> None:
+        fqns = list(fqns)
+        for glob, _ in self.overrides:
+            if not any(fnmatch.fnmatchcase(f, glob) for f in fqns):
+                sample = ", ".join(fqns[:6]) + (" ..." if len(fqns) > 6 else "")
+                raise ConfigError(f"Config.overrides: {glob!r} matches no layer (layers: {sample})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f: getattr(self, f).to_dict() for f in _FAMILIES}
+        d.update(max_error=self.max_error, force=self.force, dtype=self.dtype, device=self.device,
+                 seed=self.seed, timing_repeats=self.timing_repeats,
+                 overrides=[[g, p.to_dict()] for g, p in self.overrides],
+                 candidates=[c.to_dict() for c in self.candidates])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        d = dict(d)
+        try:
+            for f in _FAMILIES:
+                if f in d:
+                    d[f] = pattern_from_dict(d[f])
+            d["overrides"] = tuple((g, pattern_from_dict(p)) for g, p in d.get("overrides", ()))
+            d["candidates"] = tuple(pattern_from_dict(p) for p in d.get("candidates", ()))
+        except PatternError as e:
+            raise ConfigError(f"Config.from_dict: {e}") from None
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"Config.from_dict: unknown fields {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,167 @@
+"""The IR: a torch.fx GraphModule plus typed, namespaced `node.meta` records, and a networkx view.
+
+Meta keys (documented with their invariants in passes/README.md):
+  sparsify.fqn    str         fully qualified name of the module a node came from ("" = root)
+  sparsify.layer  LayerInfo   on weight-layer nodes (linear / addmm / conv2d with a parameter weight)
+  sparsify.stats  LayerStats  calibration statistics of the layer input
+  sparsify.plan   LayerPlan   the chosen pattern (written by analysis passes only)
+  sparsify.from   Provenance  on every node a rewrite pass creates
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+FQN = "sparsify.fqn"
+LAYER = "sparsify.layer"
+STATS = "sparsify.stats"
+PLAN = "sparsify.plan"
+FROM = "sparsify.from"
+
+aten = torch.ops.aten
+
+# Weight layers the planner knows, by ATen op, with the argument positions of input, weight, bias.
+# addmm(bias, x, w) is HF's Conv1D (GPT-2): weight stored transposed, (in, out).
+WEIGHT_OPS: dict[Any, tuple[str, int, int, int | None]] = {
+    aten.linear.default: ("linear", 0, 1, 2),
+    aten.addmm.default: ("addmm", 1, 2, 0),
+    aten.mm.default: ("mm", 0, 1, None),
+    aten.conv2d.default: ("conv2d", 0, 1, 2),
+}
+
+
+@dataclasses.dataclass
+class LayerInfo:
+    """A weight layer as seen in the graph (written by the find_layers pass)."""
+
+    fqn: str
+    op: str                      # "linear", "addmm", "mm", "conv2d"
+    weight_target: str           # get_attr target of the weight parameter
+    bias_target: str | None
+    weight_shape: tuple
+    input_shape: tuple | None
+    output_shape: tuple | None
+    dtype: str
+    weight_transposed: bool = False   # addmm / mm: weight stored (in, out)
+    conv_params: dict | None = None   # stride, padding, dilation, groups
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Why a node exists: the pass and rule that created it, from which node and layer, with what."""
+
+    pass_name: str
+    rule: str
+    source: str            # name of the node it replaced
+    fqn: str
+    detail: str = ""
+
+
+def node_fqn(node: fx.Node) -> str:
+    """Fully qualified module name of the module that produced a node, '' for the root."""
+    if FQN in node.meta:
+        return node.meta[FQN]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_fqn(path)
+    return ""
+
+
+def _clean_fqn(path: str) -> str:
+    # export names modules like "L['self'].encoder.layer[0]" in some versions; normalise to dotted.
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("[", ".").replace("]", "").split("."):
+        if part and part not in ("self",):
+            out.append(part.strip("'\""))
+    return ".".join(out)
+
+
+def get_attr_target(node: Any) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def tensor_meta(node: Any):
+    """(shape, dtype) of a node's value as recorded by export / ShapeProp, else (None, None)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if val is None and isinstance(node, fx.Node):
+        tm = node.meta.get("tensor_meta")
+        if tm is not None:
+            return tuple(tm.shape), tm.dtype
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) if isinstance(s, int) else s for s in val.shape), val.dtype
+    return None, None
+
+
+def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if LAYER in n.meta]
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """A directed data-flow graph: one vertex per fx node (by name), edges producer -> user.
+
+    Vertex attributes: op, target (str), fqn, and the fx node itself under "node" so analyses can go
+    back to the IR. Use it for reachability, dominators and subgraph search; change the fx graph only.
+    """
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name, op=n.op, target=str(n.target), fqn=node_fqn(n), node=n)
+    for n in gm.graph.nodes:
+        for inp in n.all_input_nodes:
+            g.add_edge(inp.name, n.name)
+    return g
+
+
+@contextlib.contextmanager
+def probes(gm: fx.GraphModule, watch: Iterable[tuple[fx.Node, Any]], callback: Callable[[Any, Any], None]):
+    """Temporarily make `gm` call `callback(key, value)` with each watched node's runtime value.
+
+    Used by calibration: the model runs as itself (same call signature, pytree in/out), and every
+    probe sees real tensors. The probes are removed on exit, leaving the graph as it was.
+    """
+    inserted = []
+    for node, key in watch:
+        with gm.graph.inserting_after(node):
+            inserted.append(gm.graph.call_function(callback, (key, node)))
+    gm.recompile()
+    try:
+        yield gm
+    finally:
+        for p in inserted:
+            gm.graph.erase_node(p)
+        gm.recompile()
+
+
+def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and attribute tables but the same parameter tensors.
+
+    Rewrites register buffers and edit the graph; doing that on a fresh copy leaves the original
+    (e.g. the analysed snapshot kept for rollback) intact without duplicating weights in memory.
+    Node meta is copied shallowly, so LayerPlan objects stay shared with the snapshot.
+    """
+    import copy
+
+    new = copy.copy(gm)
+    new.__dict__ = dict(gm.__dict__)
+    new._parameters = dict(gm._parameters)
+    new._buffers = dict(gm._buffers)
+    new._modules = dict(gm._modules)
+    new._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
+    new.graph = copy.deepcopy(gm.graph)
+    return new

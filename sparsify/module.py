@@ -1,0 +1,295 @@
+"""SparseModule: what `sparsify.compile` returns. Captures and plans at the first call (or eagerly)."""
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from . import ir
+from .capture import Capture, CapturedPart, capture, _record_child_inputs
+from .config import Config
+from .pipeline import PassContext, Pipeline, Timing
+from .plan import DENSE, FORCED, ROLLED_BACK, SPARSE, Plan
+
+
+def _signature(args, kwargs) -> tuple:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            sig.append(("T", tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        else:
+            sig.append(("V", type(leaf).__name__, repr(leaf)[:64]))
+    return (str(spec), tuple(sig))
+
+
+def normalize_batches(example_inputs, calibration_data) -> list[tuple[tuple, dict]]:
+    """Every calibration batch as (args, kwargs): a tensor, a tuple/list of args, or a dict of kwargs."""
+    def one(b):
+        if isinstance(b, torch.Tensor):
+            return (b,), {}
+        if isinstance(b, dict):
+            return (), dict(b)
+        if isinstance(b, (tuple, list)):
+            if len(b) == 2 and isinstance(b[0], (tuple, list)) and isinstance(b[1], dict):
+                return tuple(b[0]), dict(b[1])
+            return tuple(b), {}
+        raise TypeError(f"calibration batch must be a Tensor, tuple of args or dict of kwargs, "
+                        f"got {type(b).__name__}")
+
+    if calibration_data is not None:
+        batches = [one(b) for b in calibration_data]
+        if not batches:
+            raise ValueError("calibration_data is empty")
+        return batches
+    return [one(example_inputs)] if example_inputs is not None else []
+
+
+def _float_leaves(out) -> list[torch.Tensor]:
+    if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
+        out = out.to_tuple()
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def output_error(dense_outs, sparse_outs) -> float:
+    """Relative L2 error over all floating output tensors of all batches."""
+    num = den = 0.0
+    for d, s in zip(dense_outs, sparse_outs):
+        dl, sl = _float_leaves(d), _float_leaves(s)
+        if len(dl) != len(sl):
+            raise RuntimeError(f"sparse model returned {len(sl)} tensors, dense {len(dl)}")
+        for a, b in zip(dl, sl):
+            if a.shape != b.shape:
+                raise RuntimeError(f"sparse output shape {tuple(b.shape)} != dense {tuple(a.shape)}")
+            num += float((b.double() - a.double()).pow(2).sum())
+            den += float(a.double().pow(2).sum())
+    return (num / max(den, 1e-300)) ** 0.5
+
+
+class SparseModule(nn.Module):
+    def __init__(self, model: nn.Module, config: Config | None = None, example_inputs=None,
+                 calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False):
+        super().__init__()
+        from . import passes_loader  # registers the default passes (roof imports passes)
+
+        passes_loader.load()
+        self.config = config or Config()
+        if not isinstance(self.config, Config):
+            raise TypeError(f"config must be a sparsify.Config, got {type(self.config).__name__}")
+        self.verbose = verbose
+        self._model = self._prepare(model)
+        self._calibration_data = calibration_data
+        self._pipeline = pipeline or Pipeline.default()
+        self._compiled: dict[tuple, Capture] = {}
+        self._state: dict[str, dict] = {}          # per part prefix: PassContext.state of the first compile
+        self.plan: Plan | None = None
+        self.capture_info: Capture | None = None
+        self.pass_seconds: dict[str, float] = {}
+        self.compile_seconds: float | None = None
+        self.rule_counts: dict[str, int] = {}
+        if example_inputs is not None:
+            args, kwargs = normalize_batches(example_inputs, None)[0]
+            self._compile_first(args, kwargs)
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"sparsify.compile expects an nn.Module, got {type(model).__name__}")
+        cfg = self.config
+        if cfg.device is not None or cfg.dtype is not None:
+            model = copy.deepcopy(model).to(device=cfg.device, dtype=cfg.torch_dtype)
+        return model.eval()
+
+    @property
+    def device(self) -> torch.device:
+        if self.config.device is not None:
+            return torch.device(self.config.device)
+        p = next(self._model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[sparsify] {msg}", file=sys.stderr, flush=True)
+
+    def _cast_inputs(self, args, kwargs):
+        dev, dt = self.config.device, self.config.torch_dtype
+        if dev is None and dt is None:
+            return args, kwargs
+
+        def move(t):
+            if isinstance(t, torch.Tensor):
+                return t.to(device=dev or t.device, dtype=dt if (dt and t.is_floating_point()) else t.dtype)
+            return t
+
+        return pytree.tree_map(move, (args, kwargs))
+
+    # ---- compile ----------------------------------------------------------------------------
+    def _part_batches(self, cap: Capture, batches) -> dict[str, list]:
+        if cap.whole:
+            return {"": batches}
+        per_part: dict[str, list] = {p.prefix: [] for p in cap.parts}
+        for args, kwargs in batches:
+            calls = _record_child_inputs(self._model, args, kwargs)
+            for p in cap.parts:
+                per_part[p.prefix].extend(calls.get(p.prefix, [])[:1])
+        return per_part
+
+    def _compile_first(self, args, kwargs) -> None:
+        t0 = time.perf_counter()
+        self._say("capture")
+        cap = capture(self._model, args, kwargs)
+        for f in cap.failures:
+            self._say(f"capture: {f.prefix or '<model>'}: {f.reason}")
+        batches = [self._cast_inputs(a, k) for a, k in normalize_batches((args, kwargs) if not kwargs else
+                                                                         (args, kwargs), self._calibration_data)]
+        per_part = self._part_batches(cap, batches)
+        names = self._pipeline.names
+        split = names.index("sparsify_weights") if "sparsify_weights" in names else len(names)
+        analysis, rewrite = Pipeline(names[:split]), Pipeline(names[split:])
+        timing = Timing()
+        snapshots, contexts = {}, {}
+        for part in cap.parts:
+            ctx = PassContext(self.config, self.device, per_part[part.prefix], [timing],
+                              part_prefix=part.prefix, progress=self._say)
+            contexts[part.prefix] = ctx
+            snapshots[part.prefix] = analysis.run(part.gm, ctx)
+        plans = {}
+        for ctx in contexts.values():
+            plans.update(ctx.state.get("plans", {}))
+        self.config.check_overrides_match(plans)
+        self.plan = Plan(plans)
+        self._state = {prefix: ctx.state for prefix, ctx in contexts.items()}
+
+        def build():
+            for part in cap.parts:
+                gm = rewrite.run(ir.fresh_copy(snapshots[part.prefix]), contexts[part.prefix])
+                self._install(cap, part, gm)
+
+        build()
+        self._verify_and_roll_back(cap, batches, build)
+        self._compiled[_signature(args, kwargs)] = cap
+        self.capture_info = cap
+        self.pass_seconds = timing.seconds
+        for ctx in contexts.values():
+            for k, v in ctx.rule_counts.items():
+                self.rule_counts[k] = self.rule_counts.get(k, 0) + v
+        self.compile_seconds = time.perf_counter() - t0
+        self._say(f"compiled in {self.compile_seconds:.1f} s: {len(self.plan.sparse_layers())}/"
+                  f"{len(self.plan)} layers sparse, model error {self.plan.model_error:.3g}")
+
+    def _install(self, cap: Capture, part: CapturedPart, gm: fx.GraphModule) -> None:
+        part.gm = gm
+        if cap.whole:
+            cap.root = gm
+        else:
+            parent, _, child = part.prefix.rpartition(".")
+            setattr(cap.root.get_submodule(parent) if parent else cap.root, child, gm)
+
+    def _run_all(self, root, batches):
+        with torch.no_grad():
+            return [root(*a, **k) for a, k in batches]
+
+    def _verify_and_roll_back(self, cap: Capture, batches, build) -> None:
+        """Model output error vs dense on the calibration data; roll back layers until in budget."""
+        budget = self.config.max_error
+        self._say("verify against dense")
+        dense = self._run_all(self._model, batches)
+        while True:
+            err = output_error(dense, self._run_all(cap.root, batches))
+            self.plan.model_error = err
+            sparse = [lp for lp in self.plan.sparse_layers() if lp.status == SPARSE]
+            for lp in sparse:
+                lp.model_error = err
+            if err <= budget or not sparse:
+                if err > budget:
+                    self.plan.notes.append(f"model error {err:.3g} over budget {budget} with only "
+                                           f"forced layers sparse (Config.force)")
+                return
+            worst = max(sparse, key=lambda lp: lp.layer_error or 0.0)
+            worst.status = ROLLED_BACK
+            worst.reason = (f"rolled back to dense: model error {err:.3g} > max_error {budget} with it "
+                            f"sparse (layer error {worst.layer_error:.3g}, the largest); was: {worst.reason}")
+            self._say(f"roll back {worst.fqn} (model error {err:.3g} > {budget})")
+            build()
+
+    def _compile_again(self, args, kwargs) -> Capture:
+        """A new input signature: capture again and apply the existing plan (no re-planning)."""
+        self._say("new input shapes: capture again, reuse the plan")
+        cap = capture(self._model, args, kwargs)
+        replay = Pipeline(["find_layers"])
+        names = self._pipeline.names
+        rewrite = Pipeline(names[names.index("sparsify_weights"):]) if "sparsify_weights" in names else None
+        for part in cap.parts:
+            state = self._state.get(part.prefix)
+            ctx = PassContext(self.config, self.device, [], part_prefix=part.prefix,
+                              state={"packed": state.get("packed", {}) if state else {}})
+            gm = replay.run(part.gm, ctx)
+            for n in ir.layer_nodes(gm):
+                fqn = n.meta[ir.LAYER].fqn
+                if fqn in self.plan:
+                    n.meta[ir.PLAN] = self.plan[fqn]
+            if rewrite is not None:
+                gm = rewrite.run(gm, ctx)
+            self._install(cap, part, gm)
+        return cap
+
+    # ---- run --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        args, kwargs = self._cast_inputs(args, kwargs)
+        sig = _signature(args, kwargs)
+        cap = self._compiled.get(sig)
+        if cap is None:
+            if self.plan is None:
+                self._compile_first(args, kwargs)
+            else:
+                self._compiled[sig] = self._compile_again(args, kwargs)
+            cap = self._compiled[sig]
+        return cap.root(*args, **kwargs)
+
+    # ---- inspection -------------------------------------------------------------------------
+    def _need_compiled(self):
+        if self.capture_info is None:
+            raise RuntimeError("not compiled yet: call the module once or pass example_inputs to compile")
+        return self.capture_info
+
+    @property
+    def parts(self) -> list[CapturedPart]:
+        return self._need_compiled().parts
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        cap = self._need_compiled()
+        if cap.whole:
+            return cap.root
+        if len(cap.parts) == 1:
+            return cap.parts[0].gm
+        raise RuntimeError(f"the model was captured in {len(cap.parts)} parts "
+                           f"({[p.prefix for p in cap.parts]}); use .parts[i].gm")
+
+    def report(self) -> str:
+        from .report import format_report
+
+        return format_report(self)
+
+    def kernel_sources(self) -> dict[str, str]:
+        """Triton source of each kernel family the compiled graphs call, by op name."""
+        import importlib
+
+        out = {}
+        for part in self.parts:
+            for n in part.gm.graph.nodes:
+                if n.op == "call_function" and str(n.target).startswith("sparsify."):
+                    name = str(n.target).split(".")[1]
+                    try:
+                        mod = importlib.import_module(f"sparsify.codegen.kernels.{name}")
+                    except ImportError:
+                        continue
+                    out[name] = "\n\n".join(getattr(obj, "src", "") for obj in vars(mod).values()
+                                            if type(obj).__name__ == "JITFunction")
+        return out

@@ -1,0 +1,146 @@
+"""The plan: for each layer (by fqn) the chosen pattern, kernel, numbers and the reason."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterator
+
+from .patterns import Dense, Pattern, pattern_from_dict
+
+# Decision status of a layer in the plan.
+SPARSE = "sparse"            # rewritten to a sparse op, measured faster than dense
+DENSE = "dense"              # kept dense (config, no candidate faster, or over budget)
+ROLLED_BACK = "rolled_back"  # was sparse, verification found the model over budget
+FORCED = "forced"            # sparse although slower than dense, because Config.force
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One pattern tried for a layer, with what was measured for it."""
+
+    pattern: Pattern
+    kernel: str
+    sparsity: float
+    layer_error: float | None = None       # relative L2 of the layer output vs dense
+    time_ms: float | None = None
+    timing: str = "measured"               # "measured" or "estimated" (roofline)
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["pattern"] = self.pattern.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        d = dict(d)
+        d["pattern"] = pattern_from_dict(d["pattern"])
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class LayerPlan:
+    fqn: str
+    op: str
+    input_shape: tuple | None
+    weight_shape: tuple | None
+    output_shape: tuple | None
+    pattern: Pattern = dataclasses.field(default_factory=Dense)
+    kernel: str = "dense"
+    status: str = DENSE
+    sparsity: float = 0.0
+    reason: str = ""
+    source: str = ""                         # where the requested pattern came from (config/override)
+    dense_ms: float | None = None
+    sparse_ms: float | None = None
+    timing: str = "measured"
+    layer_error: float | None = None
+    model_error: float | None = None         # model output error with this layer (and earlier ones) sparse
+    candidates: list = dataclasses.field(default_factory=list)
+
+    @property
+    def speedup(self) -> float | None:
+        if self.dense_ms and self.sparse_ms:
+            return self.dense_ms / self.sparse_ms
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pattern"] = self.pattern.to_dict()
+        d["candidates"] = [c.to_dict() for c in self.candidates]
+        for k in ("input_shape", "weight_shape", "output_shape"):
+            d[k] = list(d[k]) if d[k] is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
+        d = dict(d)
+        d["pattern"] = pattern_from_dict(d["pattern"])
+        d["candidates"] = [Candidate.from_dict(c) for c in d.get("candidates", [])]
+        for k in ("input_shape", "weight_shape", "output_shape"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+class Plan:
+    """fqn -> LayerPlan, in graph order, plus model-level results. Serialisable to/from dict/JSON."""
+
+    def __init__(self, layers: dict[str, LayerPlan] | None = None, model_error: float | None = None,
+                 notes: list[str] | None = None):
+        self.layers: dict[str, LayerPlan] = dict(layers or {})
+        self.model_error = model_error
+        self.notes: list[str] = list(notes or [])
+
+    def __getitem__(self, fqn: str) -> LayerPlan:
+        try:
+            return self.layers[fqn]
+        except KeyError:
+            raise KeyError(f"no layer {fqn!r} in the plan; layers: {list(self.layers)[:8]}") from None
+
+    def __contains__(self, fqn: str) -> bool:
+        return fqn in self.layers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def items(self):
+        return self.layers.items()
+
+    def sparse_layers(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers.values() if lp.status in (SPARSE, FORCED)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": 1, "model_error": self.model_error, "notes": list(self.notes),
+                "layers": [lp.to_dict() for lp in self.layers.values()]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        if d.get("version") != 1:
+            raise ValueError(f"plan version {d.get('version')!r} is not supported (expected 1)")
+        layers = [LayerPlan.from_dict(x) for x in d["layers"]]
+        return cls({lp.fqn: lp for lp in layers}, d.get("model_error"), d.get("notes"))
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str) -> "Plan":
+        text = text_or_path
+        if not text_or_path.lstrip().startswith("{"):
+            with open(text_or_path) as f:
+                text = f.read()
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Plan) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Plan({len(self.layers)} layers, {len(self.sparse_layers())} sparse)"
