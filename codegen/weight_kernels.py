@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import runtime
 from sparsify.patterns import NM, Block, Channel, Pattern, Unstructured
 
 
@@ -34,6 +35,7 @@ class WeightKernel:
     pack: Callable[[torch.Tensor, Pattern], Packed]
     arg_order: Callable[[Any, dict, dict, Any, Any, str, int, int], tuple]
     supports: Callable[[Pattern, torch.dtype, tuple], str | None] = lambda p, dt, wshape: None
+    triton: bool = False                # a Triton kernel: also usable on CPU when kernels are forced
 
     @property
     def op(self):
@@ -43,7 +45,7 @@ class WeightKernel:
                            weight_shape: tuple) -> str | None:
         if not isinstance(pattern, self.serves):
             return f"{self.name} does not serve {type(pattern).__name__}"
-        if device.type not in self.devices:
+        if device.type not in self.devices and not (self.triton and runtime.use_triton(device)):
             return f"{self.name} does not run on {device.type}"
         return self.supports(pattern, dtype, weight_shape)
 
@@ -112,11 +114,12 @@ def register_kernel(k: WeightKernel) -> WeightKernel:
 
 register_kernel(WeightKernel(
     "bsr_triton", "bsr_linear-1", (Block,), ("cuda",), "bsr_linear", _pack_bsr,
-    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, bias, res, act)))
+    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, bias, res, act),
+    triton=True))
 register_kernel(WeightKernel(
     "nm_triton", "nm_linear-1", (NM,), ("cuda",), "nm_linear", _pack_nm,
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["meta"], n, k, s["n"], s["m"], bias, res, act),
-    _nm_supports))
+    _nm_supports, triton=True))
 register_kernel(WeightKernel(
     "cslt_2to4", "cslt-1", (NM,), ("cuda",), "cslt_linear", _pack_cslt,
     lambda x, b, s, bias, res, act, n, k: (x, b["compressed"], n, bias, res, act),

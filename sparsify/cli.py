@@ -77,7 +77,7 @@ def cmd_demo(a) -> int:
                  dtype=a.dtype if a.dtype != "float32" or device.type == "cuda" else None)
     ok = True
     if a.model in ("lm", "both"):
-        m = models.tiny_lm()
+        m = models.tiny_lm(ffn_sparsity=a.ffn_sparsity)
         x = models.lm_inputs(a.batch, a.seq, device=device)
         calib = [models.lm_inputs(a.batch, a.seq, seed=s, device=device) for s in range(1, 3)]
         ok &= _demo_one("tiny transformer LM", m.to(device), x, calib, cfg, device)
@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pattern", type=parse_pattern, default=Auto(), help="auto, dense, 2:4, block32:0.25, "
                    "unstructured:0.9 (default auto)")
     d.add_argument("--max-error", type=float, default=0.05)
+    d.add_argument("--ffn-sparsity", type=float, default=0.9,
+                   help="pre-prune the demo LM's FFN weights to this sparsity (0 = plain random weights)")
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=128)
     d.set_defaults(func=cmd_demo)

@@ -30,6 +30,8 @@ class Config:
     force: keep explicit patterns even where the measured sparse time is slower than dense.
     dtype: compute dtype of the compiled model (None keeps the model's). device: None keeps it.
     candidates: the patterns `Auto` tries for weight layers.
+    min_speedup: a layer is sparse only if dense_ms / sparse_ms >= this (a margin over timing noise).
+    kernels: when non-empty, only these weight kernels (by name, e.g. "bsr_triton") are considered.
     """
 
     weight: Pattern = dataclasses.field(default_factory=Auto)
@@ -44,6 +46,8 @@ class Config:
     candidates: tuple = ()
     seed: int = 0
     timing_repeats: int = 20
+    kernels: tuple = ()
+    min_speedup: float = 1.05
 
     def __post_init__(self):
         for family in _FAMILIES:
@@ -70,6 +74,14 @@ class Config:
         for c in self.candidates:
             if not isinstance(c, Pattern) or c.family != "weight":
                 raise ConfigError(f"Config.candidates must be weight patterns, got {c!r}")
+        if isinstance(self.kernels, (list, str)):
+            object.__setattr__(self, "kernels", tuple([self.kernels] if isinstance(self.kernels, str)
+                                                      else self.kernels))
+        if not all(isinstance(k, str) for k in self.kernels):
+            raise ConfigError(f"Config.kernels must be kernel names, got {self.kernels!r}")
+        if isinstance(self.min_speedup, bool) or not isinstance(self.min_speedup, (int, float)) \
+                or self.min_speedup <= 0:
+            raise ConfigError(f"Config.min_speedup must be a number > 0, got {self.min_speedup!r}")
         if not isinstance(self.timing_repeats, int) or self.timing_repeats < 1:
             raise ConfigError(f"Config.timing_repeats must be an int >= 1, got {self.timing_repeats!r}")
 
@@ -94,7 +106,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {f: getattr(self, f).to_dict() for f in _FAMILIES}
         d.update(max_error=self.max_error, force=self.force, dtype=self.dtype, device=self.device,
-                 seed=self.seed, timing_repeats=self.timing_repeats,
+                 seed=self.seed, timing_repeats=self.timing_repeats, kernels=list(self.kernels),
+                 min_speedup=self.min_speedup,
                  overrides=[[g, p.to_dict()] for g, p in self.overrides],
                  candidates=[c.to_dict() for c in self.candidates])
         return d
@@ -108,6 +121,7 @@ class Config:
                     d[f] = pattern_from_dict(d[f])
             d["overrides"] = tuple((g, pattern_from_dict(p)) for g, p in d.get("overrides", ()))
             d["candidates"] = tuple(pattern_from_dict(p) for p in d.get("candidates", ()))
+            d["kernels"] = tuple(d.get("kernels", ()))
         except PatternError as e:
             raise ConfigError(f"Config.from_dict: {e}") from None
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}

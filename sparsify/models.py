@@ -68,9 +68,20 @@ class TinyConvNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
-def tiny_lm(seed: int = 0, **kw) -> TinyLM:
+def tiny_lm(seed: int = 0, ffn_sparsity: float = 0.0, **kw) -> TinyLM:
+    """ffn_sparsity > 0 magnitude-prunes the FFN weights, standing in for a model trained with gradual
+    magnitude pruning (random weights have no sparsity to exploit within a small error budget)."""
     torch.manual_seed(seed)
-    return TinyLM(**kw).eval()
+    model = TinyLM(**kw).eval()
+    if ffn_sparsity:
+        with torch.no_grad():
+            for blk in model.blocks:
+                for lin in (blk.fc1, blk.fc2):
+                    w = lin.weight
+                    k = int(w.numel() * ffn_sparsity)
+                    threshold = w.abs().flatten().kthvalue(k).values
+                    w.mul_(w.abs() > threshold)
+    return model
 
 
 def tiny_convnet(seed: int = 0, **kw) -> TinyConvNet:

@@ -173,6 +173,7 @@ class SparseModule(nn.Module):
 
         build()
         self._verify_and_roll_back(cap, batches, build)
+        self._pass_through_if_dense(cap)
         self._compiled[_signature(args, kwargs)] = cap
         self.capture_info = cap
         self.pass_seconds = timing.seconds
@@ -203,13 +204,11 @@ class SparseModule(nn.Module):
         while True:
             err = output_error(dense, self._run_all(cap.root, batches))
             self.plan.model_error = err
-            sparse = [lp for lp in self.plan.sparse_layers() if lp.status == SPARSE]
+            # Config.force skips the speed check, not the error budget: forced layers roll back too.
+            sparse = self.plan.sparse_layers()
             for lp in sparse:
                 lp.model_error = err
             if err <= budget or not sparse:
-                if err > budget:
-                    self.plan.notes.append(f"model error {err:.3g} over budget {budget} with only "
-                                           f"forced layers sparse (Config.force)")
                 return
             worst = max(sparse, key=lambda lp: lp.layer_error or 0.0)
             worst.status = ROLLED_BACK
@@ -217,6 +216,16 @@ class SparseModule(nn.Module):
                             f"sparse (layer error {worst.layer_error:.3g}, the largest); was: {worst.reason}")
             self._say(f"roll back {worst.fqn} (model error {err:.3g} > {budget})")
             build()
+
+    def _pass_through_if_dense(self, cap: Capture) -> None:
+        """No rewrite changed anything: run the user's module itself, so the compiled model is never
+        slower (the exported graph adds guard and pytree overhead). The graphs stay inspectable."""
+        rewritten = any(ir.FROM in n.meta for p in cap.parts for n in p.gm.graph.nodes)
+        if not rewritten:
+            cap.root = self._model
+            note = "no layer is sparse and no rewrite applied: runs the original module (no graph overhead)"
+            if note not in self.plan.notes:
+                self.plan.notes.append(note)
 
     def _compile_again(self, args, kwargs) -> Capture:
         """A new input signature: capture again and apply the existing plan (no re-planning)."""
@@ -237,6 +246,7 @@ class SparseModule(nn.Module):
             if rewrite is not None:
                 gm = rewrite.run(gm, ctx)
             self._install(cap, part, gm)
+        self._pass_through_if_dense(cap)
         return cap
 
     # ---- run --------------------------------------------------------------------------------
@@ -265,9 +275,7 @@ class SparseModule(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule:
         cap = self._need_compiled()
-        if cap.whole:
-            return cap.root
-        if len(cap.parts) == 1:
+        if len(cap.parts) == 1:  # cap.root may be the user's module itself (dense pass-through)
             return cap.parts[0].gm
         raise RuntimeError(f"the model was captured in {len(cap.parts)} parts "
                            f"({[p.prefix for p in cap.parts]}); use .parts[i].gm")

@@ -47,7 +47,7 @@ from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, app
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
 KERNEL_VERSION = "nm_linear-1"
 
-MAX_M = 16
+MAX_GROUP = 16
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
@@ -62,8 +62,8 @@ def _check_nm(n, m) -> tuple[int, int]:
             raise ValueError(f"N:M sparsity: {name} must be an int, got {v!r}")
     if not 0 < n < m:
         raise ValueError(f"N:M sparsity {n}:{m}: need 0 < n < m")
-    if m > MAX_M:
-        raise ValueError(f"N:M sparsity {n}:{m}: m must be <= {MAX_M}")
+    if m > MAX_GROUP:
+        raise ValueError(f"N:M sparsity {n}:{m}: m must be <= {MAX_GROUP}")
     return n, m
 
 
@@ -130,7 +130,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     grouped = _groups(scores.detach().abs().float(), m, float("-inf"))
     keep = torch.topk(grouped, n, dim=-1).indices
     mask = torch.zeros_like(grouped, dtype=torch.bool).scatter_(-1, keep, True)
-    return mask.reshape(r, -1)[:, :k]
+    return mask.reshape(r, grouped.shape[1] * m)[:, :k]
 
 
 def _pack_meta(positions: torch.Tensor, m: int) -> torch.Tensor:
@@ -140,7 +140,7 @@ def _pack_meta(positions: torch.Tensor, m: int) -> torch.Tensor:
     r, length = positions.shape
     padded = torch.nn.functional.pad(positions, (0, (-length) % per_byte))
     shifts = torch.arange(per_byte, device=positions.device) * bits
-    packed = (padded.reshape(r, -1, per_byte) << shifts).sum(-1)
+    packed = (padded.reshape(r, padded.shape[1] // per_byte, per_byte) << shifts).sum(-1)
     return packed.to(torch.uint8)
 
 
@@ -150,7 +150,7 @@ def _unpack_meta(meta: torch.Tensor, length: int, m: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=meta.device) * bits
     idx = (meta.long()[..., None] >> shifts) & ((1 << bits) - 1)
-    return idx.reshape(meta.shape[0], -1)[:, :length]
+    return idx.reshape(meta.shape[0], meta.shape[1] * per_byte)[:, :length]
 
 
 def pack_nm(weight: torch.Tensor, n: int, m: int) -> NMWeight:
@@ -179,8 +179,10 @@ def pack_nm(weight: torch.Tensor, n: int, m: int) -> NMWeight:
     pos = torch.arange(m, device=weight.device)
     key = nonzero.float() * (2 * m) + (m - 1 - pos).float()
     positions = torch.topk(key, n, dim=-1).indices.sort(dim=-1).values  # [R, G, n]
-    values = torch.gather(grouped, -1, positions).reshape(r, -1).contiguous()
-    meta = _pack_meta(positions.reshape(r, -1), m).contiguous()
+    # Explicit sizes rather than -1: a weight with no rows is legal and -1 is ambiguous for it.
+    g = grouped.shape[1]
+    values = torch.gather(grouped, -1, positions).reshape(r, g * n).contiguous()
+    meta = _pack_meta(positions.reshape(r, g * n), m).contiguous()
     return NMWeight(values=values, meta=meta, n=n, m=m, k=k)
 
 
@@ -281,7 +283,7 @@ def _nm_linear_kernel(
     acc = apply_epilogue(acc, offs_m64, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn,
                          HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
     out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_n < N - 1)[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _config_for(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:

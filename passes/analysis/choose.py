@@ -57,6 +57,9 @@ def choose_patterns(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     ctx.state["cost_model"] = cost
     plans = ctx.state.setdefault("plans", {})
     packed_store = ctx.state.setdefault("packed", {})
+    unknown = [k for k in cfg.kernels if k not in weight_kernels.KERNELS]
+    if unknown:
+        raise ValueError(f"Config.kernels: unknown kernel(s) {unknown}; known: {sorted(weight_kernels.KERNELS)}")
     nodes = ir.layer_nodes(gm)
     for i, node in enumerate(nodes):
         info: ir.LayerInfo = node.meta[ir.LAYER]
@@ -112,6 +115,8 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
             w_sparse = (w * mask).to(ctx.device)
             sparsity = 1.0 - mask.float().mean().item()
             kernels, why_not = weight_kernels.kernels_for(pattern, ctx.device, w.dtype, tuple(w.shape))
+            if cfg.kernels:
+                kernels = [k for k in kernels if k.name in cfg.kernels]
             for name, why in why_not.items():
                 lp.candidates.append(Candidate(pattern, name, sparsity, note=why))
             for k in kernels:
@@ -128,7 +133,7 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                 cand = Candidate(pattern, k.name, sparsity, layer_error=err, time_ms=ms)
                 lp.candidates.append(cand)
                 acceptable = err <= cfg.max_error or not isinstance(requested, Auto)
-                faster = ms < lp.dense_ms
+                faster = lp.dense_ms / ms >= cfg.min_speedup
                 if acceptable and (faster or (cfg.force and not isinstance(requested, Auto))):
                     if best is None or ms < best[0].time_ms:
                         best = (cand, packed)
@@ -140,14 +145,14 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
         else:
             fastest = min(tried, key=lambda c: c.time_ms)
             over = [c for c in tried if isinstance(requested, Auto) and c.layer_error > cfg.max_error]
-            lp.reason = (f"kept dense: fastest candidate {fastest.pattern.describe()} via {fastest.kernel} "
+            lp.reason = (f"kept dense (needs >= {cfg.min_speedup}x): fastest candidate {fastest.pattern.describe()} via {fastest.kernel} "
                          f"{fastest.time_ms:.4f} ms vs dense {lp.dense_ms:.4f} ms"
                          + (f"; {len(over)} candidate(s) over the error budget" if over else ""))
         return
     cand, packed = best
     lp.pattern, lp.kernel, lp.sparsity = cand.pattern, cand.kernel, cand.sparsity
     lp.sparse_ms, lp.layer_error, lp.timing = cand.time_ms, cand.layer_error, cand.timing
-    lp.status = SPARSE if cand.time_ms < lp.dense_ms else FORCED
+    lp.status = SPARSE if lp.dense_ms / cand.time_ms >= cfg.min_speedup else FORCED
     lp.reason = (f"{cand.pattern.describe()} via {cand.kernel}: {cand.time_ms:.4f} ms vs dense "
                  f"{lp.dense_ms:.4f} ms ({lp.dense_ms / cand.time_ms:.2f}x), layer error {cand.layer_error:.3g}"
                  + (" — FORCED although slower than dense" if lp.status == FORCED else ""))

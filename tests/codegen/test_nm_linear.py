@@ -130,7 +130,8 @@ def test_bad_n_m_raise(n, m):
 def test_kernel_matches_reference(shape_idx, dtype, n, m, device, gen):
     M, K, N = ODD_LINEAR_SHAPES[shape_idx]
     # Rotate through the epilogues so every shape and dtype meets several of them.
-    has_bias, activation, has_residual = EPILOGUES[(shape_idx * 7 + DTYPES.index(dtype) * 3 + m) % len(EPILOGUES)]
+    rotation = shape_idx * 7 + DTYPES.index(dtype) * 3 + m
+    has_bias, activation, has_residual = EPILOGUES[rotation % len(EPILOGUES)]
     w = _nm_weight(N, K, n, m, dtype, device, gen)
     x = randn(M, K, dtype=dtype, device=device, generator=gen)
     bias, residual = _epilogue_inputs((M,), N, dtype, device, gen, has_bias, has_residual)
@@ -178,6 +179,17 @@ def test_leading_dims_strided_x_and_empty(device, gen):
     with force_triton():
         y = nm_linear_triton(empty, w.values, w.meta, N, K, 2, 4)
     assert y.shape == (0, N)
+
+
+@pytest.mark.parametrize("n_out,k", [(0, 8), (5, 0)])
+def test_empty_weights(n_out, k, device, gen):
+    w = pack_nm(torch.zeros(n_out, k, device=device), 2, 4)
+    assert unpack_nm(w).shape == (n_out, k)
+    bias = randn(n_out, device=device, generator=gen)
+    with force_triton():
+        y = nm_linear_triton(randn(3, k, device=device, generator=gen), w.values, w.meta, n_out, k, 2, 4,
+                             bias=bias)
+    torch.testing.assert_close(y, bias.expand(3, n_out))   # an empty reduction leaves the epilogue
 
 
 def test_argument_errors(gen):

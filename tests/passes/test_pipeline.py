@@ -1,0 +1,141 @@
+"""The pass infrastructure: instruments, debug dumps, invariants, custom passes and rewrite rules."""
+import pytest
+import torch
+
+import sparsify
+from sparsify import Config, Dense, PassResult, Pipeline, RewriteRule, MatchFailure
+from sparsify.pipeline import (PassError, PrintAfter, Timing, default_pass_names, register_pass,
+                               register_rule, unregister_pass, unregister_rule)
+from tests.helpers import MLP, mlp_input
+
+
+def test_default_pipeline_order():
+    sparsify.compile  # the roof loads the passes
+    from sparsify import passes_loader
+    passes_loader.load()
+    assert default_pass_names()[:4] == ["find_layers", "calibrate", "choose_patterns", "sparsify_weights"]
+
+
+def test_debug_dir_dumps_code_and_dot_per_pass(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_DEBUG_DIR", str(tmp_path))
+    from sparsify.codegen import runtime
+    with runtime.force_triton():
+        sparsify.compile(MLP(), (mlp_input(),), Config(weight=sparsify.Block(16, 0.5), force=True,
+                                                       max_error=10, timing_repeats=1, kernels=("bsr_triton",)))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith("_find_layers.py") for f in files)
+    assert any(f.endswith("_sparsify_weights.dot") for f in files)
+    rewrite_dot = next(p for p in tmp_path.iterdir() if p.name.endswith("_sparsify_weights.dot")).read_text()
+    assert "gold" in rewrite_dot, "nodes changed by the pass must be marked"
+    code = next(p for p in tmp_path.iterdir() if p.name.endswith("_sparsify_weights.py")).read_text()
+    assert "sparsify.bsr_linear" in code
+
+
+def test_print_after_and_timing_instruments():
+    printed = []
+    timing = Timing()
+    ctx_instruments = [PrintAfter({"find_layers"}, printer=printed.append), timing]
+    gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
+    from sparsify import passes_loader
+    passes_loader.load()
+    ctx = sparsify.PassContext(Config(weight=Dense()), instruments=ctx_instruments,
+                               calibration=[((mlp_input(),), {})])
+    Pipeline(["find_layers", "calibrate"]).run(gm, ctx)
+    assert len(printed) == 1 and "after find_layers" in printed[0]
+    assert set(timing.seconds) == {"find_layers", "calibrate"}
+
+
+def test_failing_pass_is_named_with_those_before_it():
+    @register_pass("explode", kind="analysis")
+    def explode(gm, ctx):
+        raise ValueError("boom")
+
+    try:
+        gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
+        ctx = sparsify.PassContext(Config(weight=Dense()))
+        with pytest.raises(PassError, match=r"pass 'explode' failed after \['find_layers'\].*boom"):
+            Pipeline(["find_layers", "explode"]).run(gm, ctx)
+    finally:
+        unregister_pass("explode")
+
+
+def test_debug_invariants_catch_a_rewrite_without_provenance():
+    @register_pass("sneaky", kind="rewrite")
+    def sneaky(gm, ctx):
+        node = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default)
+        from sparsify.codegen.kernels import bsr_linear  # noqa: F401  (registers the op)
+        with gm.graph.inserting_after(node):
+            gm.graph.call_function(torch.ops.sparsify.bsr_linear.default, ())
+        return PassResult(gm, True)
+
+    try:
+        gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
+        ctx = sparsify.PassContext(Config(weight=Dense()), debug=True)
+        with pytest.raises(PassError, match="without sparsify.from provenance"):
+            Pipeline(["sneaky"]).run(gm, ctx)
+    finally:
+        unregister_pass("sneaky")
+
+
+def test_user_analysis_pass_joins_the_default_pipeline_after_a_named_pass():
+    seen = []
+
+    @register_pass("count_layers", kind="analysis", after="find_layers")
+    def count_layers(gm, ctx):
+        seen.append(len(sparsify.ir.layer_nodes(gm)))
+        return PassResult(gm, False)
+
+    try:
+        assert default_pass_names().index("count_layers") == default_pass_names().index("find_layers") + 1
+        sparsify.compile(MLP(), (mlp_input(),), Config(weight=Dense()))
+        assert seen == [3]
+    finally:
+        unregister_pass("count_layers")
+    assert "count_layers" not in default_pass_names()
+
+
+def test_custom_pipeline_insert_before():
+    calls = []
+
+    @register_pass("note_before_choose", kind="analysis")
+    def note(gm, ctx):
+        calls.append(sorted(ctx.state.get("stats", {})))
+        return PassResult(gm, False)
+
+    try:
+        pipe = Pipeline.default().insert_before("choose_patterns", "note_before_choose")
+        sparsify.compile(MLP(), (mlp_input(),), Config(weight=Dense()), pipeline=pipe)
+        assert calls == [["fc1", "fc2", "out"]]  # calibration ran before it
+    finally:
+        unregister_pass("note_before_choose")
+
+
+def test_custom_rewrite_rule_search_replace_with_check():
+    def search(x):
+        return torch.relu(x)
+
+    def replace(x):
+        return torch.clamp_min(x, 0.0)
+
+    refused = []
+
+    def only_2d(match):
+        node = next(iter(match.returning_nodes))
+        shape, _ = sparsify.ir.tensor_meta(node)
+        if shape is not None and len(shape) == 2:
+            return True
+        refused.append(node.name)
+        return MatchFailure("not 2-D")
+
+    rule = register_rule(RewriteRule("relu_to_clamp", search, replace, extra_check=only_2d))
+    try:
+        model = MLP()
+        x = mlp_input()
+        sm = sparsify.compile(model, (x,), Config(weight=Dense()))
+        code = sm.graph_module.code
+        assert "clamp_min" in code and "aten.relu" not in code
+        assert sm.rule_counts["relu_to_clamp"] == 1
+        torch.testing.assert_close(sm(x), model(x))
+        assert rule.apply(sm.graph_module) == 0  # idempotent: nothing left to match
+    finally:
+        unregister_rule("relu_to_clamp")
