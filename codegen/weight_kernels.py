@@ -76,13 +76,16 @@ def _pack_nm(w: torch.Tensor, p: Pattern) -> Packed:
 
 
 def _pack_csr(w: torch.Tensor, p: Pattern) -> Packed:
-    csr = w.to_sparse_csr()
-    return Packed({"crow": csr.crow_indices(), "col": csr.col_indices(), "values": csr.values()},
-                  {"n_out": w.shape[0], "k_in": w.shape[1]})
+    from .kernels.csr_linear import csr_parts, pack_csr
+
+    crow, col, values = csr_parts(pack_csr(w))  # owned tensors, not views: they become buffers
+    return Packed({"crow": crow, "col": col, "values": values}, {"n_out": w.shape[0], "k_in": w.shape[1]})
 
 
 def _pack_cslt(w: torch.Tensor, p: Pattern) -> Packed:
-    return Packed({"compressed": torch._cslt_compress(w)}, {"n_out": w.shape[0], "k_in": w.shape[1]})
+    from .kernels.nm_linear import pack_cslt
+
+    return Packed({"compressed": pack_cslt(w)}, {"n_out": w.shape[0], "k_in": w.shape[1]})
 
 
 def _nm_supports(p, dtype, wshape):

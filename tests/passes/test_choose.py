@@ -1,0 +1,70 @@
+"""The chooser against a fake cost table: it respects max_error and keeps slower layers dense."""
+import pytest
+import torch
+
+import sparsify
+from sparsify import Auto, Block, Config, NM, Unstructured
+from sparsify.passes.analysis import cost as cost_mod
+from tests.helpers import MLP, mlp_input
+
+
+class FakeCost(cost_mod.CostModel):
+    """Times from a table keyed by kernel name ('dense' for the dense layer); nothing is run."""
+
+    def __init__(self, table):
+        super().__init__(torch.device("cpu"), use_disk=False)
+        self.table = table
+
+    def time(self, key, fn):
+        return self.table[key.split("|")[2]]
+
+
+def _compile(cfg, table):
+    from sparsify import passes_loader
+    passes_loader.load()
+    from sparsify.pipeline import Pipeline, PassContext
+    gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
+    ctx = PassContext(cfg, calibration=[((mlp_input(),), {})], state={"cost_model": FakeCost(table)})
+    Pipeline(["find_layers", "calibrate", "choose_patterns"]).run(gm, ctx)
+    return ctx.state["plans"]
+
+
+def test_explicit_pattern_slower_than_dense_stays_dense_with_numbers():
+    plans = _compile(Config(weight=Unstructured(0.5)), {"dense": 1.0, "csr_torch": 2.0})
+    for lp in plans.values():
+        assert lp.status == "dense"
+        assert "2.0000 ms vs dense 1.0000 ms" in lp.reason
+
+
+def test_explicit_pattern_faster_than_dense_is_sparse():
+    plans = _compile(Config(weight=Unstructured(0.5)), {"dense": 1.0, "csr_torch": 0.5})
+    assert all(lp.status == "sparse" and lp.speedup == pytest.approx(2.0) for lp in plans.values())
+
+
+def test_force_keeps_a_slower_explicit_pattern_and_says_so():
+    plans = _compile(Config(weight=Unstructured(0.5), force=True), {"dense": 1.0, "csr_torch": 2.0})
+    assert all(lp.status == "forced" and "FORCED" in lp.reason for lp in plans.values())
+
+
+def test_min_speedup_margin():
+    plans = _compile(Config(weight=Unstructured(0.5), min_speedup=1.2), {"dense": 1.0, "csr_torch": 0.9})
+    assert all(lp.status == "dense" for lp in plans.values())
+
+
+def test_auto_picks_the_fastest_candidate_within_the_error_budget():
+    # 90% unstructured is fastest but ruins random weights; NM 2:4 at ~50% error is over a 0.3 budget,
+    # so with a generous budget the fastest wins and with a tight one nothing does.
+    cands = (Unstructured(0.9), Unstructured(0.1))
+    loose = _compile(Config(weight=Auto(), candidates=cands, max_error=10.0), {"dense": 1.0, "csr_torch": 0.5})
+    assert all(lp.pattern == Unstructured(0.9) for lp in loose.values())
+    tight = _compile(Config(weight=Auto(), candidates=cands, max_error=0.2), {"dense": 1.0, "csr_torch": 0.5})
+    for lp in tight.values():
+        assert lp.pattern == Unstructured(0.1), lp.reason
+        assert lp.layer_error <= 0.2
+        over = [c for c in lp.candidates if c.pattern == Unstructured(0.9)]
+        assert over and over[0].layer_error > 0.2
+
+
+def test_unknown_kernel_name_is_an_error():
+    with pytest.raises(sparsify.pipeline.PassError, match="unknown kernel"):
+        _compile(Config(weight=Unstructured(0.5), kernels=("cusparse9",)), {"dense": 1.0})
