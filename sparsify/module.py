@@ -142,12 +142,12 @@ class SparseModule(nn.Module):
 
     def _compile_first(self, args, kwargs) -> None:
         t0 = time.perf_counter()
+        args, kwargs = self._cast_inputs(args, kwargs)
         self._say("capture")
         cap = capture(self._model, args, kwargs)
         for f in cap.failures:
             self._say(f"capture: {f.prefix or '<model>'}: {f.reason}")
-        batches = [self._cast_inputs(a, k) for a, k in normalize_batches((args, kwargs) if not kwargs else
-                                                                         (args, kwargs), self._calibration_data)]
+        batches = [self._cast_inputs(a, k) for a, k in normalize_batches((args, kwargs), self._calibration_data)]
         per_part = self._part_batches(cap, batches)
         names = self._pipeline.names
         split = names.index("sparsify_weights") if "sparsify_weights" in names else len(names)

@@ -22,3 +22,8 @@ class MLP(nn.Module):
 def mlp_input(batch=5, d=48, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, d, generator=g)
+
+
+def kernel_device() -> str:
+    """Where forced Triton kernels run: the GPU if there is one, else the CPU interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -191,10 +191,6 @@ def test_compile_partial_sparse_parts_run():
         assert torch.equal(p, q), n
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "find_layers names the layer of a part that is itself a Linear '<prefix>.weight' (its weight's "
-    "get_attr target is plain 'weight'); fix in passes/analysis/find_layers.py: local = '' when "
-    "w_target == 'weight'"))
 def test_leaf_part_layer_named_by_its_prefix():
     sm = sparsify.compile(_model(), example_inputs=_x(), config=sparsify.Config(weight=sparsify.Dense()))
     assert set(sm.plan) == LAYERS

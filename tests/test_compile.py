@@ -8,7 +8,7 @@ import sparsify
 from sparsify import Block, Config, Dense, NM, Plan, Unstructured
 from sparsify.codegen import runtime
 from sparsify.plan import FORCED, ROLLED_BACK, SPARSE
-from tests.helpers import MLP, mlp_input
+from tests.helpers import MLP, kernel_device, mlp_input
 
 FAST = dict(timing_repeats=2)
 
@@ -31,8 +31,9 @@ def test_lazy_one_liner_captures_at_first_call_and_recaptures_new_shapes():
 
 def test_forced_block_sparsity_runs_triton_kernel_end_to_end():
     """capture -> plan -> rewrite -> codegen (Triton, interpreted) -> run, against a dense reference."""
-    model = MLP()
-    x = mlp_input(6)
+    dev = kernel_device()
+    model = MLP().to(dev)
+    x = mlp_input(6).to(dev)
     cfg = Config(weight=Block(16, 0.5), force=True, max_error=10.0, kernels=("bsr_triton",), **FAST)
     with runtime.force_triton():
         sm = sparsify.compile(model, (x,), cfg)
@@ -46,7 +47,7 @@ def test_forced_block_sparsity_runs_triton_kernel_end_to_end():
     assert sm.plan["fc1"].sparsity == pytest.approx(0.5, abs=0.05)
     assert sm.plan["out"].sparsity == pytest.approx(1 / 3, abs=1e-6)
     # Reference: the same masks applied to dense weights, in float64.
-    ref_model = MLP().double()
+    ref_model = MLP().double().to(dev)
     for fqn in ("fc1", "fc2", "out"):
         packed = sm._state[""]["packed"][fqn]
         from sparsify.codegen.kernels.bsr_linear import _unpack
@@ -58,8 +59,9 @@ def test_forced_block_sparsity_runs_triton_kernel_end_to_end():
 
 
 def test_epilogue_fusion_folds_relu_and_residual_into_the_kernel():
-    model = MLP()
-    x = mlp_input(4)
+    dev = kernel_device()
+    model = MLP().to(dev)
+    x = mlp_input(4).to(dev)
     cfg = Config(weight=Block(16, 0.5), force=True, max_error=10.0, kernels=("bsr_triton",), **FAST)
     with runtime.force_triton():
         sm = sparsify.compile(model, (x,), cfg)
@@ -127,8 +129,9 @@ def test_report_lists_every_layer_with_reason_and_model_error():
 
 
 def test_torch_compile_and_export_of_a_compiled_model():
-    model = MLP()
-    x = mlp_input(4)
+    dev = kernel_device()
+    model = MLP().to(dev)
+    x = mlp_input(4).to(dev)
     cfg = Config(weight=Block(16, 0.5), force=True, max_error=10, kernels=("bsr_triton",), **FAST)
     with runtime.force_triton():
         sm = sparsify.compile(model, (x,), cfg)
@@ -147,8 +150,9 @@ def test_torch_compile_and_export_of_a_compiled_model():
 
 
 def test_inspect_diff_and_dot(tmp_path):
-    model = MLP()
-    x = mlp_input(4)
+    dev = kernel_device()
+    model = MLP().to(dev)
+    x = mlp_input(4).to(dev)
     before = sparsify.capture.capture(model, (x,)).root
     with runtime.force_triton():
         sm = sparsify.compile(model, (x,), Config(weight=Block(16, 0.5), force=True, max_error=10,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -71,7 +70,9 @@ class CostModel:
                 t0 = time.perf_counter()
                 fn()
                 samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
+        # Minimum, not median: on a shared CPU, preemption only ever adds time, and a noisy sample
+        # cached on disk would decide layers for good. (CUDA timing above uses events + median.)
+        return min(samples)
 
     def _save(self, key: str, ms: float) -> None:
         path = cache_path()

@@ -19,8 +19,10 @@ def test_default_pipeline_order():
 def test_debug_dir_dumps_code_and_dot_per_pass(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARSIFY_DEBUG_DIR", str(tmp_path))
     from sparsify.codegen import runtime
+    from tests.helpers import kernel_device
+    dev = kernel_device()
     with runtime.force_triton():
-        sparsify.compile(MLP(), (mlp_input(),), Config(weight=sparsify.Block(16, 0.5), force=True,
+        sparsify.compile(MLP().to(dev), (mlp_input().to(dev),), Config(weight=sparsify.Block(16, 0.5), force=True,
                                                        max_error=10, timing_repeats=1, kernels=("bsr_triton",)))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert any(f.endswith("_find_layers.py") for f in files)
