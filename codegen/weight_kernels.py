@@ -32,10 +32,11 @@ class WeightKernel:
     serves: tuple                       # pattern classes
     devices: tuple                      # "cpu", "cuda"
     op_name: str                        # torch.ops.sparsify.<op_name>
-    pack: Callable[[torch.Tensor, Pattern], Packed]
+    pack: Callable[..., Packed]          # (masked weight, pattern, layer params) -> Packed
     arg_order: Callable[[Any, dict, dict, Any, Any, str, int, int], tuple]
     supports: Callable[[Pattern, torch.dtype, tuple], str | None] = lambda p, dt, wshape: None
     triton: bool = False                # a Triton kernel: also usable on CPU when kernels are forced
+    layer_op: str = "linear"            # the layer kind it replaces: "linear" (also addmm/mm) or "conv2d"
 
     @property
     def op(self):
@@ -59,7 +60,7 @@ class WeightKernel:
 
 
 # ---- packers ---------------------------------------------------------------------------------
-def _pack_bsr(w: torch.Tensor, p: Pattern) -> Packed:
+def _pack_bsr(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
     from .kernels.bsr_linear import pack_bsr
 
     b = pack_bsr(w, p.block)
@@ -67,7 +68,7 @@ def _pack_bsr(w: torch.Tensor, p: Pattern) -> Packed:
                   {"n_out": w.shape[0], "k_in": w.shape[1], "block": p.block})
 
 
-def _pack_nm(w: torch.Tensor, p: Pattern) -> Packed:
+def _pack_nm(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
     from .kernels.nm_linear import pack_nm
 
     b = pack_nm(w, p.n, p.m)
@@ -75,14 +76,14 @@ def _pack_nm(w: torch.Tensor, p: Pattern) -> Packed:
                   {"n_out": w.shape[0], "k_in": w.shape[1], "n": p.n, "m": p.m})
 
 
-def _pack_csr(w: torch.Tensor, p: Pattern) -> Packed:
+def _pack_csr(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
     from .kernels.csr_linear import csr_parts, pack_csr
 
     crow, col, values = csr_parts(pack_csr(w))  # owned tensors, not views: they become buffers
     return Packed({"crow": crow, "col": col, "values": values}, {"n_out": w.shape[0], "k_in": w.shape[1]})
 
 
-def _pack_cslt(w: torch.Tensor, p: Pattern) -> Packed:
+def _pack_cslt(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
     from .kernels.nm_linear import pack_cslt
 
     return Packed({"compressed": pack_cslt(w)}, {"n_out": w.shape[0], "k_in": w.shape[1]})
@@ -90,6 +91,16 @@ def _pack_cslt(w: torch.Tensor, p: Pattern) -> Packed:
 
 def _nm_supports(p, dtype, wshape):
     return None
+
+
+def _pack_bsr_conv(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
+    from .kernels.bsr_conv2d import pack_bsr_conv
+
+    b = pack_bsr_conv(w, p.block)
+    return Packed({"values": b.values, "row_ptr": b.row_ptr, "col_idx": b.col_idx},
+                  {"n_out": b.o, "k_in": b.c, "kh": b.kh, "kw": b.kw, "block": p.block,
+                   "stride": list(layer["stride"]), "padding": list(layer["padding"]),
+                   "dilation": list(layer["dilation"])})
 
 
 def _cslt_supports(p, dtype, wshape):
@@ -130,13 +141,21 @@ register_kernel(WeightKernel(
 register_kernel(WeightKernel(
     "csr_torch", "csr_linear-1", (Unstructured, NM, Block), ("cpu", "cuda"), "csr_linear", _pack_csr,
     lambda x, b, s, bias, res, act, n, k: (x, b["crow"], b["col"], b["values"], n, k, bias, res, act)))
+register_kernel(WeightKernel(
+    "bsr_conv_triton", "bsr_conv2d-1", (Block,), ("cuda",), "bsr_conv2d", _pack_bsr_conv,
+    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, s["kh"], s["kw"],
+                                           s["stride"], s["padding"], s["dilation"], bias, res, act),
+    triton=True, layer_op="conv2d"))
 
 
-def kernels_for(pattern: Pattern, device: torch.device, dtype: torch.dtype, weight_shape: tuple):
-    """(usable kernels, {kernel name: why not usable}) for a pattern on a device."""
+def kernels_for(pattern: Pattern, device: torch.device, dtype: torch.dtype, weight_shape: tuple,
+                layer_op: str = "linear"):
+    """(usable kernels, {kernel name: why not usable}) for a pattern on a device and layer kind."""
     load_ops()
     ok, why_not = [], {}
     for k in KERNELS.values():
+        if k.layer_op != layer_op:
+            continue
         reason = k.unsupported_reason(pattern, device, dtype, weight_shape)
         if reason is None:
             ok.append(k)
@@ -149,7 +168,7 @@ def load_ops() -> None:
     """Import the kernel modules so their torch.ops.sparsify.* custom ops are registered."""
     import importlib
 
-    for mod in ("bsr_linear", "nm_linear", "csr_linear"):
+    for mod in ("bsr_linear", "nm_linear", "csr_linear", "bsr_conv2d"):
         try:
             importlib.import_module(f"{__package__}.kernels.{mod}")
         except ImportError as e:

@@ -57,18 +57,26 @@ def register_pass(name: str, kind: str = "analysis", *, before: str | None = Non
         _PASSES[name] = RegisteredPass(name, kind, fn)
         if name in _DEFAULT_ORDER:
             _DEFAULT_ORDER.remove(name)
-        if before is not None or after is not None:
-            anchor = before if before is not None else after
-            if anchor not in _DEFAULT_ORDER:
-                raise ValueError(f"register_pass({name!r}): no pass {anchor!r} in the default pipeline "
-                                 f"({_DEFAULT_ORDER})")
-            i = _DEFAULT_ORDER.index(anchor)
-            _DEFAULT_ORDER.insert(i if before is not None else i + 1, name)
-        elif default:
-            _DEFAULT_ORDER.append(name)
+        if before is not None or after is not None or default:
+            add_to_default(name, before=before, after=after)
         return fn
 
     return deco
+
+
+def add_to_default(name: str, *, before: str | None = None, after: str | None = None) -> None:
+    """Place a registered pass in the default pipeline (at the end, or next to a named pass)."""
+    get_pass(name)
+    if name in _DEFAULT_ORDER:
+        _DEFAULT_ORDER.remove(name)
+    if before is None and after is None:
+        _DEFAULT_ORDER.append(name)
+        return
+    anchor = before if before is not None else after
+    if anchor not in _DEFAULT_ORDER:
+        raise ValueError(f"pass {name!r}: no pass {anchor!r} in the default pipeline ({_DEFAULT_ORDER})")
+    i = _DEFAULT_ORDER.index(anchor)
+    _DEFAULT_ORDER.insert(i if before is not None else i + 1, name)
 
 
 def unregister_pass(name: str) -> None:

@@ -12,6 +12,7 @@ SPARSE = "sparse"            # rewritten to a sparse op, measured faster than de
 DENSE = "dense"              # kept dense (config, no candidate faster, or over budget)
 ROLLED_BACK = "rolled_back"  # was sparse, verification found the model over budget
 FORCED = "forced"            # sparse although slower than dense, because Config.force
+PRUNED = "pruned"            # physically shrunk by channel pruning (a dense op on fewer channels)
 
 
 @dataclasses.dataclass

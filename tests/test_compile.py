@@ -181,3 +181,20 @@ def test_calibration_data_with_several_batches_and_kwargs():
     torch.testing.assert_close(out, m(**batches[1]))
     with pytest.raises(ValueError, match="calibration_data is empty"):
         sparsify.compile(m, batches[0], Config(weight=Dense()), calibration_data=[])
+
+
+def test_channel_pruning_through_compile_keeps_output_shape_and_reports():
+    from sparsify import Channel
+    from sparsify.models import image_inputs, tiny_convnet
+
+    model = tiny_convnet()
+    x = image_inputs(4)
+    sm = sparsify.compile(model, (x,), Config(weight=Channel(0.5), max_error=10.0, **FAST))
+    out = sm(x)
+    assert out.shape == model(x).shape
+    pruned = [lp for lp in sm.plan.layers.values() if lp.status == "pruned"]
+    assert pruned, sm.report()
+    assert all("kept" in lp.reason for lp in pruned)
+    n_params = sum(p.numel() for p in sm.graph_module.parameters())
+    assert n_params < sum(p.numel() for p in model.parameters())
+    assert sm.plan.model_error is not None and "pruned" in sm.report()

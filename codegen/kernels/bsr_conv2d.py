@@ -43,7 +43,6 @@ torch.export).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence, Union
 
 import torch

@@ -76,6 +76,14 @@ def op_name(node: fx.Node) -> str | None:
     return _PY_CALLABLES.get(t)
 
 
+def _base_name(name: str | None) -> str | None:
+    """In-place elementwise ops (add_, relu_, hardtanh_ in pre-dispatch graphs) couple channels
+    exactly like their functional forms: the output is the mutated first operand, same shape."""
+    if name and name.endswith("_") and not name.startswith("_") and name[:-1] in _UNARY | _BINARY:
+        return name[:-1]
+    return name
+
+
 def shape_of(node: Any) -> tuple | None:
     """Static shape of a node's tensor value from meta (None when unknown or not a tensor)."""
     if not isinstance(node, fx.Node):
@@ -118,6 +126,12 @@ class ChannelGroup:
     consumers: list = dataclasses.field(default_factory=list)
     others: list = dataclasses.field(default_factory=list)   # (node, role)
     reasons: list = dataclasses.field(default_factory=list)
+    names: dict = dataclasses.field(default_factory=dict, repr=False)  # node -> fqn, fixed at discovery
+
+    def fqn_of(self, node: fx.Node) -> str:
+        if node not in self.names:
+            self.names[node] = layer_fqn(node) if node.op == "call_function" else ir.node_fqn(node)
+        return self.names[node]
 
     @property
     def prunable(self) -> bool:
@@ -135,22 +149,22 @@ class ChannelGroup:
 
     @property
     def producer_fqns(self) -> list[str]:
-        return _unique(layer_fqn(n) for n in self.producers)
+        return _unique(self.fqn_of(n) for n in self.producers)
 
     @property
     def consumer_fqns(self) -> list[str]:
-        return _unique(layer_fqn(n) for n in self.consumers)
+        return _unique(self.fqn_of(n) for n in self.consumers)
 
     @property
     def layer_fqns(self) -> list[str]:
         """Weight layers (producers, consumers, depthwise convs) whose weights this group slices."""
         dw = [n for n, role in self.others if role == "depthwise"]
-        return _unique(layer_fqn(n) for n in [*self.producers, *dw, *self.consumers])
+        return _unique(self.fqn_of(n) for n in [*self.producers, *dw, *self.consumers])
 
     @property
     def fqns(self) -> list[str]:
         """All member modules: weight layers plus norms and other ops with sliced parameters."""
-        extra = [ir.node_fqn(n) for n, role in self.others if role in ("norm", "param_op")]
+        extra = [self.fqn_of(n) for n, role in self.others if role in ("norm", "param_op")]
         return _unique([*self.layer_fqns, *extra])
 
     @property
@@ -184,13 +198,15 @@ def layer_fqn(node: fx.Node) -> str:
     if info is not None:
         return info.fqn
     spec = ir.WEIGHT_OPS.get(node.target)
+    w = None
     if spec is not None and len(node.args) > spec[2]:
-        target = ir.get_attr_target(node.args[spec[2]])
-        if target is not None:
-            return target[: -len(".weight")] if target.endswith(".weight") else target
-    conv_w = _arg(node, 1, "weight") if op_name(node) in _CONV else None
-    target = ir.get_attr_target(conv_w)
+        w = node.args[spec[2]]
+    elif op_name(node) in _CONV:
+        w = _arg(node, 1, "weight")
+    target = ir.get_attr_target(w)
     if target is not None:
+        if w.meta.get(ir.FQN):   # the module that owns the weight (stable when the target is renamed)
+            return w.meta[ir.FQN]
         return target[: -len(".weight")] if target.endswith(".weight") else target
     return ir.node_fqn(node)
 
@@ -251,7 +267,7 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
         return [(n, d) for n in u.graph.nodes if n.op == "get_attr" and n.target == u.target], "param"
     if u.op != "call_function":
         raise _Reject(f"channel dim flows into {u.op} {u.target} at node {u.name}")
-    name = op_name(u)
+    name = _base_name(op_name(u))
     if name is None:
         raise _Reject(f"channel dim flows into {u.target} at node {u.name} (unknown op)")
 
@@ -385,6 +401,13 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
             return out_space, "producer"
         raise _Reject(f"channel dim {d} of {m.name} enters {_where(u)} at a non-channel position")
 
+    if name == "embedding":
+        w, idx = u.args[0], u.args[1]
+        members = [(w, 1), (u, _rank(u) - 1)]
+        if slot not in members:
+            raise _Reject(f"channel dim {d} of {m.name} enters {_where(u)} at a non-channel position")
+        return members, "param_op"
+
     if name in _REDUCE:
         x = u.args[0]
         r = _rank(x)
@@ -415,7 +438,7 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
             raise _Reject(f"channel dim {d} is a pooled (spatial) dim of {_where(u)}")
         return [(x, d), (u, d)], None
 
-    if name == "constant_pad_nd":
+    if name in ("constant_pad_nd", "pad"):
         x, pad = u.args[0], list(u.args[1])
         r = _rank(x)
         if m is not x and not is_out:
@@ -532,6 +555,11 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
             raise _Reject(f"channel dim flows into {_where(u)}, which concatenates along it")
         return [(t, d) for t in tensors if isinstance(t, fx.Node)] + [(u, d)], None
 
+    if name == "_assert_tensor_metadata":
+        if _arg(u, 1, "size") is not None or _arg(u, 2, "stride") is not None:
+            raise _Reject(f"{_where(u)} asserts the size of a tensor that carries the channel")
+        return [], None   # checks dtype / device / layout only
+
     if name == "sym_size":
         if int(u.args[1]) == d:
             raise _Reject(f"the channel count is read as a value by {_where(u)}")
@@ -636,6 +664,8 @@ def _walk(seed: Slot, nxg) -> ChannelGroup:
             group.others.append((u, role))
     if channels <= 0:
         reject(f"unknown channel count at {seed[0].name}")
+    for n in [*group.producers, *group.consumers, *(u for u, _ in group.others)]:
+        group.fqn_of(n)   # name members now, before a rewrite renames their weights
     return group
 
 

@@ -17,7 +17,7 @@ from sparsify import ir
 from sparsify.codegen import weight_kernels
 from sparsify.patterns import NM, Auto, Block, Channel, Dense, Pattern, Unstructured
 from sparsify.pipeline import PassContext, PassResult, register_pass
-from sparsify.plan import DENSE, FORCED, SPARSE, Candidate, LayerPlan
+from sparsify.plan import DENSE, FORCED, PRUNED, SPARSE, Candidate, LayerPlan
 
 from . import criteria
 from .cost import CostModel
@@ -31,13 +31,69 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def linear_weight(gm: fx.GraphModule, info: ir.LayerInfo) -> torch.Tensor:
-    """The layer's weight in linear orientation (N, K)."""
+    """The layer's weight in linear orientation (N, K); conv weights as stored (O, C, kh, kw)."""
     w = ir.fetch_attr(gm, info.weight_target).detach()
-    if info.weight_transposed:
-        w = w.t()
-    if info.op == "conv2d":
-        w = w.reshape(w.shape[0], -1)
-    return w
+    return w.t() if info.weight_transposed else w
+
+
+class LinearView:
+    """How a linear-like layer is scored, masked and run densely."""
+
+    layer_op = "linear"
+
+    def __init__(self, w, bias, conv=None):
+        self.w, self.bias = w, bias
+
+    def unsupported(self, pattern) -> str | None:
+        return None
+
+    def sparse_weight(self, pattern, s: torch.Tensor) -> torch.Tensor:
+        return self.w * criteria.mask_for(pattern, s)
+
+    def scores(self, criterion, channel_norm, seed):
+        return criteria.scores(self.w, criterion, channel_norm, seed)
+
+    def dense(self, x, w, b):
+        return F.linear(x, w, b)
+
+
+class ConvView(LinearView):
+    """Conv2d: masks are taken over the implicit-GEMM matrix [O, kh*kw*Cp] (columns (kh, kw, C)),
+    the layout the block-sparse conv kernel reads, so a kept block is a kept kernel block."""
+
+    layer_op = "conv2d"
+
+    def __init__(self, w, bias, conv):
+        super().__init__(w, bias)
+        self.conv = conv
+
+    def unsupported(self, pattern) -> str | None:
+        if self.conv["groups"] != 1:
+            return f"grouped conv (groups={self.conv['groups']}): no weight-sparse kernel; channel pruning covers it"
+        if isinstance(self.conv["padding"], str):
+            return f"padding={self.conv['padding']!r} is not supported by the sparse conv kernel"
+        if not isinstance(pattern, Block):
+            return f"{type(pattern).__name__} on conv: only Block has a conv kernel"
+        return None
+
+    def scores(self, criterion, channel_norm, seed):
+        o, c, kh, kw = self.w.shape
+        flat = criteria.scores(self.w.permute(0, 2, 3, 1).reshape(o, -1), criterion,
+                               None if channel_norm is None else channel_norm.repeat(kh * kw), seed)
+        return flat.reshape(o, kh, kw, c).permute(0, 3, 1, 2)        # back to the weight's layout
+
+    def sparse_weight(self, pattern, s):
+        from sparsify.codegen.kernels.bsr_conv2d import conv_weight_matrix
+
+        o, c, kh, kw = self.w.shape
+        mask = criteria.mask_for(pattern, conv_weight_matrix(s, pattern.block))
+        cp = mask.shape[1] // (kh * kw)
+        mask4 = mask.reshape(o, kh, kw, cp)[..., :c].permute(0, 3, 1, 2)
+        return self.w * mask4
+
+    def dense(self, x, w, b):
+        return F.conv2d(x, w, b, self.conv["stride"], self.conv["padding"], self.conv["dilation"],
+                        self.conv["groups"])
 
 
 def _candidates(pattern: Pattern, ctx: PassContext) -> list[Pattern]:
@@ -72,11 +128,11 @@ def choose_patterns(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if requested.is_dense:
             lp.reason = f"dense by {source}"
             continue
+        if isinstance(requested, Channel):
+            _plan_channel_layer(lp, requested, ctx)
+            continue
         if info.fqn in ctx.state.get("shared_weights", {}):
             lp.reason = "weight shared with another op (tied): kept dense so the tie holds"
-            continue
-        if info.op == "conv2d":
-            lp.reason = "no weight-sparse conv kernel yet (implicit-GEMM conv is open in issue 3)"
             continue
         stats = node.meta.get(ir.STATS)
         if stats is None or stats.sample is None:
@@ -86,42 +142,65 @@ def choose_patterns(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, modified=False, info={"layers": len(nodes)})
 
 
+def _plan_channel_layer(lp: LayerPlan, requested: Channel, ctx: PassContext) -> None:
+    """Channel pruning already happened (prune_channels); record its outcome for this layer."""
+    lp.pattern = requested
+    done = ctx.state.get("channel_groups_pruned", {}).get(lp.fqn)
+    skipped = ctx.state.get("channel_groups_skipped", {}).get(lp.fqn)
+    if done is not None:
+        lp.status, lp.kernel = PRUNED, "dense (shrunk)"
+        lp.sparsity = 1 - done["kept"] / done["channels"]
+        lp.reason = (f"channel pruned: kept {done['kept']}/{done['channels']} output channels together with "
+                     f"{', '.join(done['members'][:6])}; shapes above are the pruned ones; speed is checked "
+                     f"at model level (verification), not per layer")
+    elif skipped is not None:
+        lp.reason = f"channel pruning not applied: {skipped}"
+    else:
+        lp.reason = "Channel: its output channels were not pruned (only input channels may have shrunk)"
+
+
 def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
     cfg = ctx.config
     w = linear_weight(gm, info)
     bias = ir.fetch_attr(gm, info.bias_target).detach() if info.bias_target else None
+    view = (ConvView if info.op == "conv2d" else LinearView)(w, bias, info.conv_params)
     x = stats.sample.to(ctx.device)
     if x.dim() == 1:
         x = x[None]
     w_dev, b_dev = w.to(ctx.device), bias.to(ctx.device) if bias is not None else None
     x = x.to(w_dev.dtype)
     with torch.no_grad():
-        dense_out = F.linear(x, w_dev, b_dev)
-        shape_key = (tuple(x.shape), tuple(w.shape), str(w.dtype), bias is not None)
-        lp.dense_ms = cost.time(cost.key("dense", *shape_key), lambda: F.linear(x, w_dev, b_dev))
+        dense_out = view.dense(x, w_dev, b_dev)
+        shape_key = (info.op, tuple(x.shape), tuple(w.shape), str(w.dtype), bias is not None,
+                     str(info.conv_params))
+        lp.dense_ms = cost.time(cost.key("dense", *shape_key), lambda: view.dense(x, w_dev, b_dev))
         channel_norm = stats.channel_norm if stats.channel_sq_sum is not None else None
         best = None
         for pattern in _candidates(requested, ctx):
             if isinstance(pattern, Channel):
                 lp.candidates.append(Candidate(pattern, "-", pattern.sparsity,
-                                               note="channel pruning is a graph-level pass (open)"))
+                                               note="channel pruning runs as the prune_channels pass"))
+                continue
+            why = view.unsupported(pattern)
+            if why is not None:
+                lp.candidates.append(Candidate(pattern, "-", 0.0, note=why))
                 continue
             try:
-                s = criteria.scores(w, pattern.criterion, channel_norm, seed=cfg.seed)
+                s = view.scores(pattern.criterion, channel_norm, cfg.seed)
             except ValueError as e:
                 lp.candidates.append(Candidate(pattern, "-", 0.0, note=str(e)))
                 continue
-            mask = criteria.mask_for(pattern, s)
-            w_sparse = (w * mask).to(ctx.device)
-            sparsity = 1.0 - mask.float().mean().item()
-            kernels, why_not = weight_kernels.kernels_for(pattern, ctx.device, w.dtype, tuple(w.shape))
+            w_sparse = view.sparse_weight(pattern, s).to(ctx.device)
+            sparsity = 1.0 - (w_sparse != 0).float().mean().item()
+            kernels, why_not = weight_kernels.kernels_for(pattern, ctx.device, w.dtype, tuple(w.shape),
+                                                          view.layer_op)
             if cfg.kernels:
                 kernels = [k for k in kernels if k.name in cfg.kernels]
             for name, why in why_not.items():
                 lp.candidates.append(Candidate(pattern, name, sparsity, note=why))
             for k in kernels:
                 try:
-                    packed = k.pack(w_sparse, pattern)
+                    packed = k.pack(w_sparse, pattern, info.conv_params)
                     out = k.call(x, packed, b_dev)
                     err = _rel_l2(out, dense_out)
                     ms = cost.time(cost.key(k.name, k.version, pattern.to_dict(), *shape_key,

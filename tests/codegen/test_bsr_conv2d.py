@@ -257,7 +257,8 @@ def test_empty_batch(gen, device):
     bsr = pack_bsr_conv(w, 16)
     x = torch.empty(0, 16, H, W, device=device)
     with runtime.force_triton():
-        assert bsr_conv2d_triton(x, bsr.values, bsr.row_ptr, bsr.col_idx, 32, 3, 3, 1, 1).shape == (0, 32, H, W)
+        y = bsr_conv2d_triton(x, bsr.values, bsr.row_ptr, bsr.col_idx, 32, 3, 3, 1, 1)
+        assert y.shape == (0, 32, H, W)
         assert bsr_conv2d(x, bsr, stride=2).shape == (0, 32, 3, 4)
 
 
@@ -339,10 +340,6 @@ def _small(gen, dtype=torch.float32, c=32):
     return pack_bsr_conv(w, 16)
 
 
-def _args(bsr, x, **kw):
-    return (x, bsr.values, bsr.row_ptr, bsr.col_idx, bsr.o, bsr.kh, bsr.kw), kw
-
-
 def test_groups_rejected(gen):
     with pytest.raises(ValueError, match="groups"):
         pack_bsr_conv(torch.randn(32, 16, 3, 3), 16, groups=2)
@@ -397,7 +394,8 @@ def test_mismatched_device(gen):
     with pytest.raises(ValueError, match="values is on meta but x is on cpu"):
         bsr_conv2d_triton(x, bsr.values.to("meta"), bsr.row_ptr, bsr.col_idx, 32, 3, 3)
     with pytest.raises(ValueError, match="bias is on meta"):
-        bsr_conv2d_triton(x, bsr.values, bsr.row_ptr, bsr.col_idx, 32, 3, 3, bias=torch.empty(32, device="meta"))
+        bsr_conv2d_triton(x, bsr.values, bsr.row_ptr, bsr.col_idx, 32, 3, 3,
+                          bias=torch.empty(32, device="meta"))
 
 
 def test_bad_conv_args(gen):

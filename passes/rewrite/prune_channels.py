@@ -1,0 +1,360 @@
+"""prune_channels: structured channel pruning that physically shrinks layers (opt-in, not default).
+
+For every channel group (analysis.channel_groups) that is prunable and whose member layers all have
+a `Channel(keep, criterion)` weight pattern in the Config, score the channels, keep the best
+round(keep * C) (at least one) and slice every member of the group consistently: producer weight
+rows and biases, norm parameters and running statistics, depthwise conv weights (and their
+`groups`), per-channel parameters met on the way, layer_norm / view size arguments, and the input
+columns of every consumer layer.
+
+The user's tensors are never changed in place: each sliced tensor is registered on the GraphModule
+under a new attribute name (`_pruned_<target>`), its get_attr nodes are repointed, and the old
+attribute is removed from a shallow copy of the submodule that held it (so the parameter count of
+the GraphModule drops while the user's modules and any snapshot sharing them keep theirs).
+
+Use it by name: `Pipeline(["find_layers", "prune_channels", ...])`. It is idempotent: a group whose
+producers' output channels were already pruned by this pass is left alone on a second run.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import torch
+import torch.fx as fx
+
+from sparsify import ir
+from sparsify.patterns import Channel
+from sparsify.pipeline import PassContext, PassResult, register_pass
+
+from ..analysis import criteria
+from ..analysis.channel_groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec,
+                                       find_channel_groups, layer_fqn, op_name)
+
+PASS = "prune_channels"
+RULE = "channel_group"
+_OUT_MARK = "out channels"
+
+
+# ---- scoring --------------------------------------------------------------------------------
+def _rows(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """A producer's weight as (C_out, -1): one row per output channel of the group."""
+    name = op_name(node)
+    if name in _CONV:
+        w = _conv_spec(node)["w"]
+        t = ir.fetch_attr(gm, w.target).detach()
+        return t.reshape(t.shape[0], -1)
+    _, _, w_i, _ = ir.WEIGHT_OPS[node.target]
+    t = ir.fetch_attr(gm, node.args[w_i].target).detach()
+    return t.t() if name in ("addmm", "mm") else t
+
+
+def channel_scores(gm: fx.GraphModule, group: ChannelGroup, criterion: str = "magnitude",
+                   seed: int = 0) -> torch.Tensor:
+    """Importance of each of the group's channels: the sum over its producers of the L2 norm of the
+    output row (magnitude), of the row's Wanda scores |W| * ||x|| (wanda, needs `sparsify.stats`
+    from calibrate; magnitude where missing), or random scores."""
+    total = torch.zeros(group.channels, dtype=torch.float64)
+    for node in group.producers:
+        w = _rows(gm, node).float()
+        if w.shape[0] != group.channels:
+            raise ValueError(f"producer {node.name}: {w.shape[0]} rows, group has {group.channels} channels")
+        stats = node.meta.get(ir.STATS)
+        if criterion == "wanda" and stats is not None and stats.channel_sq_sum is not None:
+            s = criteria.scores(w, "wanda", stats.channel_norm).sum(1)
+        elif criterion == "random":
+            s = criteria.scores(w, "random", seed=seed).sum(1)
+        else:
+            s = w.norm(dim=1)
+        total += s.double().cpu()
+    return total
+
+
+# ---- slicing --------------------------------------------------------------------------------
+def _new_attr_name(gm: fx.GraphModule, target: str) -> str:
+    base = re.sub(r"\W", "_", target)
+    if not base.startswith("_pruned_"):
+        base = "_pruned_" + base
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _shallow_module_copy(mod: torch.nn.Module) -> torch.nn.Module:
+    new = copy.copy(mod)
+    new.__dict__ = dict(mod.__dict__)
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._modules = dict(mod._modules)
+    new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
+    return new
+
+
+def _drop_attr(gm: fx.GraphModule, target: str) -> None:
+    """Remove an attribute no get_attr node reads any more, copy-on-write along its module path."""
+    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        return
+    *path, leaf = target.split(".")
+    mod = gm
+    for part in path:
+        child = mod._modules.get(part)
+        if child is None:
+            return
+        child = _shallow_module_copy(child)  # never edit a module the user (or a snapshot) holds
+        mod._modules[part] = child
+        mod = child
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    elif leaf in mod._buffers:
+        del mod._buffers[leaf]
+        mod._non_persistent_buffers_set.discard(leaf)
+    elif leaf in mod.__dict__ and isinstance(mod.__dict__[leaf], torch.Tensor):
+        del mod.__dict__[leaf]
+
+
+def _shrunk(val, dim: int, channels: int, k: int):
+    if isinstance(val, torch.Tensor):
+        if val.dim() <= dim or val.shape[dim] != channels:
+            return val
+        shape = list(val.shape)
+        shape[dim] = k
+        if isinstance(val, torch._subclasses.fake_tensor.FakeTensor):
+            return val.new_empty(shape)
+        return torch.empty(shape, dtype=val.dtype, device="meta")
+    if isinstance(val, (tuple, list)):
+        return type(val)(_shrunk(v, dim, channels, k) for v in val)
+    return val
+
+
+def _fix_meta(node: fx.Node, dim: int, channels: int, k: int) -> None:
+    if "val" in node.meta:
+        node.meta["val"] = _shrunk(node.meta["val"], dim, channels, k)
+    if "tensor_meta" in node.meta:
+        val = node.meta.get("val")
+        try:
+            from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+            if isinstance(val, torch.Tensor) and val.device.type != "meta":
+                node.meta["tensor_meta"] = _extract_tensor_metadata(val)
+            else:
+                del node.meta["tensor_meta"]
+        except Exception:  # stale metadata is worse than none
+            node.meta.pop("tensor_meta", None)
+
+
+def _note(node: fx.Node, detail: str) -> None:
+    prev = node.meta.get(ir.FROM)
+    fqn = layer_fqn(node) if node.op == "call_function" and ir.LAYER in node.meta else ir.node_fqn(node)
+    if prev is not None and prev.pass_name == PASS:
+        detail = f"{prev.detail}; {detail}"
+    node.meta[ir.FROM] = ir.Provenance(PASS, RULE, node.name, fqn, detail)
+
+
+def _set_arg(node: fx.Node, index: int, name: str, value) -> None:
+    if len(node.args) > index:
+        node.update_arg(index, value)
+    elif name in node.kwargs:
+        node.update_kwarg(name, value)
+    else:
+        raise RuntimeError(f"{node.name}: argument {name!r} not found")
+
+
+def _refresh_layer_info(gm: fx.GraphModule, node: fx.Node) -> None:
+    info = node.meta.get(ir.LAYER)
+    spec = ir.WEIGHT_OPS.get(node.target)
+    if info is None or spec is None:
+        return
+    _, x_i, w_i, b_i = spec
+    w = node.args[w_i]
+    b = node.args[b_i] if b_i is not None and len(node.args) > b_i else None
+    conv = dict(info.conv_params) if info.conv_params is not None else None
+    if conv is not None:
+        conv["groups"] = _conv_spec(node)["groups"]
+    node.meta[ir.LAYER] = dataclasses.replace(
+        info, weight_target=w.target, bias_target=b.target if isinstance(b, fx.Node) else None,
+        weight_shape=tuple(ir.fetch_attr(gm, w.target).shape),
+        input_shape=ir.tensor_meta(node.args[x_i])[0], output_shape=ir.tensor_meta(node)[0],
+        conv_params=conv)
+
+
+def _slice_stats(node: fx.Node, keep: torch.Tensor, channels: int) -> None:
+    """A consumer's input statistics follow its input channels (a new object: stats are shared)."""
+    stats = node.meta.get(ir.STATS)
+    info = node.meta.get(ir.LAYER)
+    if stats is None or info is None:
+        return
+    changes = {}
+    if stats.channel_sq_sum is not None and stats.channel_sq_sum.numel() == channels:
+        changes["channel_sq_sum"] = stats.channel_sq_sum.index_select(0, keep.to(stats.channel_sq_sum.device))
+    if stats.sample is not None:
+        dim = 1 if info.op == "conv2d" and stats.sample.dim() >= 3 else stats.sample.dim() - 1
+        if stats.sample.shape[dim] == channels:
+            changes["sample"] = stats.sample.index_select(dim, keep.to(stats.sample.device))
+    node.meta[ir.STATS] = dataclasses.replace(stats, **changes)
+
+
+def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> dict:
+    """Keep only channels `keep_idx` (indices, or a bool mask of length C) of `group` in `gm`.
+
+    Slices every parameter / buffer slot of the group into a new attribute, repoints its get_attr
+    nodes, fixes the size arguments (depthwise `groups`, layer_norm shape, view shapes), node.meta
+    val / LayerInfo / consumer stats, records provenance and recompiles. Returns a summary dict.
+    """
+    if not group.prunable:
+        raise ValueError(f"channel group {group.name} is not prunable: {group.reason}")
+    C = group.channels
+    keep = torch.as_tensor(keep_idx)
+    if keep.dtype == torch.bool:
+        if keep.numel() != C:
+            raise ValueError(f"keep mask has {keep.numel()} entries, the group has {C} channels")
+        keep = keep.nonzero().flatten()
+    keep = torch.unique(keep.flatten().long().cpu())
+    if keep.numel() == 0:
+        raise ValueError(f"channel group {group.name}: keep at least one channel")
+    if int(keep[0]) < 0 or int(keep[-1]) >= C:
+        raise ValueError(f"channel group {group.name}: keep indices must lie in [0, {C})")
+    k = keep.numel()
+    detail = f"kept {k}/{C} channels"
+    params_before = sum(p.numel() for p in gm.parameters())
+
+    # 1. parameters and buffers: new sliced tensors under new names, get_attr nodes repointed
+    by_target: dict[str, list] = {}
+    for n, d in group.slots:
+        if n.op == "get_attr":
+            by_target.setdefault(n.target, []).append((n, d))
+    old_targets = []
+    for target, items in by_target.items():
+        dims = {d for _, d in items}
+        if len(dims) != 1:
+            raise RuntimeError(f"{target} is sliced along several dims {sorted(dims)} in one group")
+        d = dims.pop()
+        old = ir.fetch_attr(gm, target)
+        if not isinstance(old, torch.Tensor):
+            raise RuntimeError(f"{target} is not a tensor ({type(old).__name__})")
+        sliced = old.detach().index_select(d, keep.to(old.device))
+        name = _new_attr_name(gm, target)
+        if isinstance(old, torch.nn.Parameter):
+            gm.register_parameter(name, torch.nn.Parameter(sliced, requires_grad=old.requires_grad))
+        else:
+            gm.register_buffer(name, sliced)
+        for n, _ in items:
+            n.target = name
+            _note(n, f"{detail} along dim {d} of {target}")
+        old_targets.append(target)
+
+    # 2. size arguments of ops that name the channel count
+    for n, d in group.slots:
+        if n.op != "call_function":
+            continue
+        name = op_name(n)
+        if name in _CONV:
+            spec = _conv_spec(n)
+            if spec["groups"] != 1:   # depthwise conv (the walk admits no other grouped conv)
+                _set_arg(n, spec["g_index"], "groups", k)
+                _note(n, f"depthwise groups {C} -> {k}")
+        elif name in _LAYER_NORM:
+            n.update_arg(1, [k])
+            _note(n, f"normalized_shape [{C}] -> [{k}]")
+        elif name in _VIEW:
+            shape = list(n.args[1])
+            if shape[d] == C:
+                shape[d] = k
+                n.update_arg(1, shape)
+                _note(n, f"view size {C} -> {k} at dim {d}")
+
+    # 3. shapes in node.meta
+    for n, d in group.slots:
+        _fix_meta(n, d, C, k)
+
+    # 4. layer records: producers / consumers / depthwise convs; consumers' calibration stats
+    for n in group.producers:
+        _note(n, f"{_OUT_MARK}: {detail}")
+    for n in group.consumers:
+        _note(n, f"in channels: {detail}")
+        _slice_stats(n, keep, C)
+    for n, role in group.others:
+        if role == "depthwise":
+            _slice_stats(n, keep, C)
+    touched = {u for n, _ in group.slots if n.op == "get_attr" for u in n.users}
+    for n in touched:
+        _refresh_layer_info(gm, n)
+
+    # 5. drop the attributes nothing reads any more (copy-on-write of their modules)
+    for target in old_targets:
+        _drop_attr(gm, target)
+
+    gm.graph.lint()
+    gm.recompile()
+    params_after = sum(p.numel() for p in gm.parameters())
+    return {"group": group.name, "kept": k, "channels": C, "keep_idx": keep,
+            "params_removed": params_before - params_after}
+
+
+# ---- the pass -------------------------------------------------------------------------------
+def _already_pruned(group: ChannelGroup) -> bool:
+    for n in group.producers:
+        prov = n.meta.get(ir.FROM)
+        if prov is not None and prov.pass_name == PASS and _OUT_MARK in prov.detail:
+            return True
+    return False
+
+
+@register_pass(PASS, kind="rewrite")
+def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Prune every prunable channel group whose member layers all ask for Channel(keep)."""
+    groups = find_channel_groups(gm)
+    skipped = ctx.state.setdefault("channel_groups_skipped", {})
+    done = ctx.state.setdefault("channel_groups_pruned", {})
+    pruned, removed = 0, 0
+    for g in groups:
+        producers = [ctx.full_fqn(f) for f in g.producer_fqns]
+        if not g.prunable:
+            for f in producers:
+                skipped[f] = g.reason
+            continue
+        patterns, refusal = {}, None
+        for f in g.layer_fqns:
+            pattern, source = ctx.config.pattern_for(ctx.full_fqn(f), "weight")
+            if not isinstance(pattern, Channel):
+                refusal = (f"member layer {ctx.full_fqn(f)} has weight pattern {pattern.describe()} "
+                           f"({source}), not Channel")
+                break
+            patterns[f] = pattern
+        if refusal is not None:
+            for f in producers:
+                skipped[f] = refusal
+            continue
+        if _already_pruned(g):
+            continue
+        # producers decide; where their Channel patterns differ, the most conservative keep wins
+        chosen = max((patterns[f] for f in g.producer_fqns), key=lambda p: p.keep)
+        k = max(1, int(round(chosen.keep * g.channels)))
+        if k >= g.channels:
+            continue
+        ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels")
+        s = channel_scores(gm, g, chosen.criterion, seed=ctx.config.seed)
+        keep_idx = torch.sort(s.topk(k).indices).values
+        summary = prune_channel_group(gm, g, keep_idx)
+        removed += summary["params_removed"]
+        for f in producers:
+            done[f] = {"kept": k, "channels": g.channels, "members": [ctx.full_fqn(x) for x in g.fqns],
+                       "pattern": chosen.describe()}
+        for n in [*g.consumers, *(u for u, role in g.others if role == "depthwise")]:
+            info = n.meta.get(ir.LAYER)
+            if info is not None and ir.STATS in n.meta and "stats" in ctx.state:
+                ctx.state["stats"][info.fqn] = n.meta[ir.STATS]
+        pruned += 1
+    if pruned and ctx.calibration:
+        args, kwargs = ctx.calibration[0]
+        try:
+            with torch.no_grad():
+                gm(*args, **kwargs)
+        except Exception as e:
+            raise RuntimeError(f"the pruned graph no longer runs on the calibration batch: "
+                               f"{type(e).__name__}: {e}") from e
+    return PassResult(gm, modified=bool(pruned),
+                      info={"groups": len(groups), "pruned": pruned, "params_removed": removed,
+                            "skipped": sum(not g.prunable for g in groups)})
