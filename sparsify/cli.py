@@ -73,18 +73,23 @@ def cmd_demo(a) -> int:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device(a.device)
-    cfg = Config(weight=a.pattern, max_error=a.max_error, device=a.device,
-                 dtype=a.dtype if a.dtype != "float32" or device.type == "cuda" else None)
+    dtype = getattr(torch, a.dtype)
+    # The model is converted before compiling, so the dense baseline runs in the same dtype.
+    cfg = Config(weight=a.pattern, max_error=a.max_error)
+    large = a.size == "large" or (a.size == "auto" and device.type == "cuda")
     ok = True
     if a.model in ("lm", "both"):
-        m = models.tiny_lm(ffn_sparsity=a.ffn_sparsity)
-        x = models.lm_inputs(a.batch, a.seq, device=device)
-        calib = [models.lm_inputs(a.batch, a.seq, seed=s, device=device) for s in range(1, 3)]
-        ok &= _demo_one("tiny transformer LM", m.to(device), x, calib, cfg, device)
+        shape = dict(d=1024, ffn=4096, heads=16, max_len=512) if large else {}
+        batch, seq = (8, 512) if large else (a.batch, a.seq)
+        m = models.tiny_lm(ffn_sparsity=a.ffn_sparsity, **shape).to(device, dtype)
+        x = models.lm_inputs(batch, seq, device=device)
+        calib = [models.lm_inputs(batch, seq, seed=s, device=device) for s in range(1, 3)]
+        name = "transformer LM" + (" (d=1024, ffn=4096)" if large else "")
+        ok &= _demo_one(name, m, x, calib, cfg, device)
     if a.model in ("convnet", "both"):
-        m = models.tiny_convnet()
-        x = models.image_inputs(device=device)
-        ok &= _demo_one("tiny convnet", m.to(device), x, [x], cfg, device)
+        m = models.tiny_convnet(width=128 if large else 32).to(device, dtype)
+        x = models.image_inputs(batch=32 if large else 8, size=64 if large else 32, device=device).to(dtype)
+        ok &= _demo_one("convnet", m, x, [x], cfg, device)
     return 0 if ok else 1
 
 
@@ -109,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "unstructured:0.9 (default auto)")
     d.add_argument("--max-error", type=float, default=0.05)
     d.add_argument("--ffn-sparsity", type=float, default=0.9,
-                   help="pre-prune the demo LM's FFN weights to this sparsity (0 = plain random weights)")
+                   help="block-prune the demo LM's FFN weights to this sparsity (0 = plain random weights)")
+    d.add_argument("--size", choices=("auto", "small", "large"), default="auto",
+                   help="model size: small (CPU-friendly), large (GPU-sized layers); auto picks by device")
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=128)
     d.set_defaults(func=cmd_demo)

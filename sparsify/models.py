@@ -68,9 +68,10 @@ class TinyConvNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
-def tiny_lm(seed: int = 0, ffn_sparsity: float = 0.0, **kw) -> TinyLM:
-    """ffn_sparsity > 0 magnitude-prunes the FFN weights, standing in for a model trained with gradual
-    magnitude pruning (random weights have no sparsity to exploit within a small error budget)."""
+def tiny_lm(seed: int = 0, ffn_sparsity: float = 0.0, ffn_block: int = 64, **kw) -> TinyLM:
+    """ffn_sparsity > 0 block-prunes the FFN weights (ffn_block x ffn_block blocks with the smallest
+    norm zeroed), standing in for a checkpoint trained with block pruning: random weights have no
+    sparsity to exploit within a small error budget."""
     torch.manual_seed(seed)
     model = TinyLM(**kw).eval()
     if ffn_sparsity:
@@ -78,9 +79,13 @@ def tiny_lm(seed: int = 0, ffn_sparsity: float = 0.0, **kw) -> TinyLM:
             for blk in model.blocks:
                 for lin in (blk.fc1, blk.fc2):
                     w = lin.weight
-                    k = int(w.numel() * ffn_sparsity)
-                    threshold = w.abs().flatten().kthvalue(k).values
-                    w.mul_(w.abs() > threshold)
+                    n, k = w.shape
+                    b = ffn_block
+                    norms = w.view(n // b, b, k // b, b).pow(2).sum(dim=(1, 3))
+                    drop = int(norms.numel() * ffn_sparsity)
+                    cut = norms.flatten().kthvalue(drop).values
+                    keep = (norms > cut).repeat_interleave(b, 0).repeat_interleave(b, 1)
+                    w.mul_(keep)
     return model
 
 

@@ -19,6 +19,8 @@ from .plan import DENSE, FORCED, ROLLED_BACK, SPARSE, Plan
 
 
 def _signature(args, kwargs) -> tuple:
+    if not kwargs and all(type(a) is torch.Tensor for a in args):  # the hot path: no pytree walk
+        return tuple((a.shape, a.dtype, a.device) for a in args)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     sig = []
     for leaf in leaves:

@@ -96,10 +96,33 @@ class ConvView(LinearView):
                         self.conv["groups"])
 
 
-def _candidates(pattern: Pattern, ctx: PassContext) -> list[Pattern]:
+def _candidates(pattern: Pattern, ctx: PassContext, w: torch.Tensor | None = None) -> list[Pattern]:
     if isinstance(pattern, Auto):
-        return list(ctx.config.candidates or DEFAULT_AUTO_CANDIDATES)
+        cands = list(ctx.config.candidates or DEFAULT_AUTO_CANDIDATES)
+        if w is not None and not ctx.config.candidates:
+            cands += [c for c in existing_sparsity_candidates(w) if c not in cands]
+        return cands
     return [pattern]
+
+
+def existing_sparsity_candidates(w: torch.Tensor, min_sparsity: float = 0.5) -> list[Pattern]:
+    """Patterns that a weight already has (a pruned checkpoint, a lottery ticket): exact zeros as
+    unstructured sparsity, and all-zero blocks as block density. Keeping them costs no accuracy."""
+    w2 = w.reshape(w.shape[0], -1) if w.dim() == 4 else w
+    zero = (w2 == 0).float().mean().item()
+    if zero < min_sparsity:
+        return []
+    found: list[Pattern] = [Unstructured(round(zero, 4))]
+    for block in (32, 64, 128):
+        if w2.shape[0] < block or w2.shape[1] < block:
+            continue
+        n, k = w2.shape
+        padded = torch.nn.functional.pad(w2, (0, (-k) % block, 0, (-n) % block))
+        nz = padded.view(padded.shape[0] // block, block, padded.shape[1] // block, block).ne(0).any(3).any(1)
+        density = nz.float().mean().item()
+        if 0 < density <= 0.5:
+            found.append(Block(block, density))  # round(total * density) is the exact count
+    return found
 
 
 def _dense_call(info, w, bias, x):
@@ -176,7 +199,7 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
         lp.dense_ms = cost.time(cost.key("dense", *shape_key), lambda: view.dense(x, w_dev, b_dev))
         channel_norm = stats.channel_norm if stats.channel_sq_sum is not None else None
         best = None
-        for pattern in _candidates(requested, ctx):
+        for pattern in _candidates(requested, ctx, w):
             if isinstance(pattern, Channel):
                 lp.candidates.append(Candidate(pattern, "-", pattern.sparsity,
                                                note="channel pruning runs as the prune_channels pass"))
