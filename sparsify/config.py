@@ -30,6 +30,8 @@ class Config:
     force: keep explicit patterns even where the measured sparse time is slower than dense.
     dtype: compute dtype of the compiled model (None keeps the model's). device: None keeps it.
     candidates: the patterns `Auto` tries for weight layers.
+    model_sensitivity: measure each candidate's model-output error (accumulated over the layers chosen
+      before it) and let Auto pick only candidates within max_error; off = layer error only.
     min_speedup: a layer is sparse only if dense_ms / sparse_ms >= this (a margin over timing noise).
     kernels: when non-empty, only these weight kernels (by name, e.g. "bsr_triton") are considered.
     """
@@ -48,6 +50,7 @@ class Config:
     timing_repeats: int = 20
     kernels: tuple = ()
     min_speedup: float = 1.05
+    model_sensitivity: bool = True
 
     def __post_init__(self):
         for family in _FAMILIES:
@@ -107,7 +110,7 @@ class Config:
         d: dict[str, Any] = {f: getattr(self, f).to_dict() for f in _FAMILIES}
         d.update(max_error=self.max_error, force=self.force, dtype=self.dtype, device=self.device,
                  seed=self.seed, timing_repeats=self.timing_repeats, kernels=list(self.kernels),
-                 min_speedup=self.min_speedup,
+                 min_speedup=self.min_speedup, model_sensitivity=self.model_sensitivity,
                  overrides=[[g, p.to_dict()] for g, p in self.overrides],
                  candidates=[c.to_dict() for c in self.candidates])
         return d

@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from . import ir
 from .capture import Capture, CapturedPart, capture, _record_child_inputs
 from .config import Config
+from .metrics import output_error
 from .pipeline import PassContext, Pipeline, Timing
 from .plan import DENSE, FORCED, ROLLED_BACK, SPARSE, Plan
 
@@ -51,27 +52,6 @@ def normalize_batches(example_inputs, calibration_data) -> list[tuple[tuple, dic
             raise ValueError("calibration_data is empty")
         return batches
     return [one(example_inputs)] if example_inputs is not None else []
-
-
-def _float_leaves(out) -> list[torch.Tensor]:
-    if hasattr(out, "to_tuple"):  # Hugging Face ModelOutput
-        out = out.to_tuple()
-    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def output_error(dense_outs, sparse_outs) -> float:
-    """Relative L2 error over all floating output tensors of all batches."""
-    num = den = 0.0
-    for d, s in zip(dense_outs, sparse_outs):
-        dl, sl = _float_leaves(d), _float_leaves(s)
-        if len(dl) != len(sl):
-            raise RuntimeError(f"sparse model returned {len(sl)} tensors, dense {len(dl)}")
-        for a, b in zip(dl, sl):
-            if a.shape != b.shape:
-                raise RuntimeError(f"sparse output shape {tuple(b.shape)} != dense {tuple(a.shape)}")
-            num += float((b.double() - a.double()).pow(2).sum())
-            den += float(a.double().pow(2).sum())
-    return (num / max(den, 1e-300)) ** 0.5
 
 
 class SparseModule(nn.Module):

@@ -23,6 +23,7 @@ class Candidate:
     kernel: str
     sparsity: float
     layer_error: float | None = None       # relative L2 of the layer output vs dense
+    model_error: float | None = None       # model output error with this and earlier chosen layers sparse
     time_ms: float | None = None
     timing: str = "measured"               # "measured" or "estimated" (roofline)
     note: str = ""

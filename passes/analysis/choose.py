@@ -21,13 +21,12 @@ from sparsify.plan import DENSE, FORCED, PRUNED, SPARSE, Candidate, LayerPlan
 
 from . import criteria
 from .cost import CostModel
+from .sensitivity import ModelSensitivity
 
 DEFAULT_AUTO_CANDIDATES = (NM(2, 4), Block(32, 0.5), Block(64, 0.25), Unstructured(0.9))
 
 
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+from sparsify.metrics import rel_l2 as _rel_l2
 
 
 def linear_weight(gm: fx.GraphModule, info: ir.LayerInfo) -> torch.Tensor:
@@ -140,6 +139,10 @@ def choose_patterns(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if unknown:
         raise ValueError(f"Config.kernels: unknown kernel(s) {unknown}; known: {sorted(weight_kernels.KERNELS)}")
     nodes = ir.layer_nodes(gm)
+    sens = None
+    if cfg.model_sensitivity and ctx.calibration and nodes:
+        sens = ModelSensitivity(gm, ctx.calibration)
+    ctx.state["sensitivity"] = sens
     for i, node in enumerate(nodes):
         info: ir.LayerInfo = node.meta[ir.LAYER]
         ctx.say(f"plan {i + 1}/{len(nodes)} {info.fqn}")
@@ -163,6 +166,26 @@ def choose_patterns(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store)
     return PassResult(gm, modified=False, info={"layers": len(nodes)})
+
+
+def _storage_weight(info: ir.LayerInfo, w_view: torch.Tensor) -> torch.Tensor:
+    """A weight in the view's orientation back in the parameter's own layout."""
+    return w_view.t() if info.weight_transposed else w_view
+
+
+def _pick(feasible, requested, info, ctx, lp):
+    """Fastest feasible candidate whose accumulated model error stays within max_error (Auto);
+    an explicit pattern takes its fastest kernel, and verification enforces the budget."""
+    sens = ctx.state.get("sensitivity")
+    for cand, packed, w_sparse in sorted(feasible, key=lambda f: f[0].time_ms):
+        weight = _storage_weight(info, w_sparse)
+        if sens is not None:
+            cand.model_error = sens.error({info.weight_target: weight})
+            if isinstance(requested, Auto) and cand.model_error > ctx.config.max_error:
+                continue
+            sens.accept(info.weight_target, weight)
+        return cand, packed
+    return None
 
 
 def _plan_channel_layer(lp: LayerPlan, requested: Channel, ctx: PassContext) -> None:
@@ -198,7 +221,7 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                      str(info.conv_params))
         lp.dense_ms = cost.time(cost.key("dense", *shape_key), lambda: view.dense(x, w_dev, b_dev))
         channel_norm = stats.channel_norm if stats.channel_sq_sum is not None else None
-        best = None
+        feasible = []
         for pattern in _candidates(requested, ctx, w):
             if isinstance(pattern, Channel):
                 lp.candidates.append(Candidate(pattern, "-", pattern.sparsity,
@@ -237,8 +260,8 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                 acceptable = err <= cfg.max_error or not isinstance(requested, Auto)
                 faster = lp.dense_ms / ms >= cfg.min_speedup
                 if acceptable and (faster or (cfg.force and not isinstance(requested, Auto))):
-                    if best is None or ms < best[0].time_ms:
-                        best = (cand, packed)
+                    feasible.append((cand, packed, w_sparse))
+    best = _pick(feasible, requested, info, ctx, lp)
     if best is None:
         tried = [c for c in lp.candidates if c.time_ms is not None]
         if not tried:
@@ -246,16 +269,21 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                 f"{c.kernel}: {c.note}" for c in lp.candidates) if lp.candidates else "no candidates"
         else:
             fastest = min(tried, key=lambda c: c.time_ms)
-            over = [c for c in tried if isinstance(requested, Auto) and c.layer_error > cfg.max_error]
-            lp.reason = (f"kept dense (needs >= {cfg.min_speedup}x): fastest candidate {fastest.pattern.describe()} via {fastest.kernel} "
-                         f"{fastest.time_ms:.4f} ms vs dense {lp.dense_ms:.4f} ms"
-                         + (f"; {len(over)} candidate(s) over the error budget" if over else ""))
+            over = [c for c in tried if isinstance(requested, Auto) and
+                    (c.layer_error > cfg.max_error or (c.model_error or 0) > cfg.max_error)]
+            lp.reason = (f"kept dense (needs >= {cfg.min_speedup}x within max_error {cfg.max_error}): fastest "
+                         f"candidate {fastest.pattern.describe()} via {fastest.kernel} {fastest.time_ms:.4f} ms vs "
+                         f"dense {lp.dense_ms:.4f} ms"
+                         + (f"; {len(over)} candidate(s) over the error budget (layer or accumulated model "
+                            f"error)" if over else ""))
         return
     cand, packed = best
     lp.pattern, lp.kernel, lp.sparsity = cand.pattern, cand.kernel, cand.sparsity
     lp.sparse_ms, lp.layer_error, lp.timing = cand.time_ms, cand.layer_error, cand.timing
+    lp.model_error = cand.model_error
     lp.status = SPARSE if lp.dense_ms / cand.time_ms >= cfg.min_speedup else FORCED
     lp.reason = (f"{cand.pattern.describe()} via {cand.kernel}: {cand.time_ms:.4f} ms vs dense "
                  f"{lp.dense_ms:.4f} ms ({lp.dense_ms / cand.time_ms:.2f}x), layer error {cand.layer_error:.3g}"
+                 + (f", accumulated model error {cand.model_error:.3g}" if cand.model_error is not None else "")
                  + (" — FORCED although slower than dense" if lp.status == FORCED else ""))
     packed_store[lp.fqn] = packed

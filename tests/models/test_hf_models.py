@@ -22,7 +22,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import sparsify  # noqa: E402
-from sparsify.module import _float_leaves  # noqa: E402
+from sparsify.metrics import float_leaves as _float_leaves  # noqa: E402
 from sparsify.plan import DENSE, FORCED, ROLLED_BACK, SPARSE  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -330,7 +330,7 @@ def test_unstructured_within_budget(name, force, timings, monkeypatch):
     assert type(out) is type(ref)
     assert all(torch.isfinite(t).all() for t in _float_leaves(out))
     # The model error in the plan is what the compiled model really does on the example input.
-    from sparsify.module import output_error
+    from sparsify.metrics import output_error
 
     err = output_error([ref], [out])
     assert err <= 0.5

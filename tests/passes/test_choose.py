@@ -68,3 +68,19 @@ def test_auto_picks_the_fastest_candidate_within_the_error_budget():
 def test_unknown_kernel_name_is_an_error():
     with pytest.raises(sparsify.pipeline.PassError, match="unknown kernel"):
         _compile(Config(weight=Unstructured(0.5), kernels=("cusparse9",)), {"dense": 1.0})
+
+
+def test_auto_budget_is_on_the_accumulated_model_error():
+    cands = (Unstructured(0.5),)
+    table = {"dense": 1.0, "csr_torch": 0.5}
+    loose = _compile(Config(weight=Auto(), candidates=cands, max_error=10.0), table)
+    e1, e12 = loose["fc1"].model_error, loose["fc2"].model_error
+    assert e1 is not None and e12 > e1, "fc2's error is measured with fc1 already sparse"
+    budget = (e1 + e12) / 2
+    tight = _compile(Config(weight=Auto(), candidates=cands, max_error=budget), table)
+    assert tight["fc1"].status == "sparse" and tight["fc1"].model_error <= budget
+    assert tight["fc2"].status == "dense"
+    assert "over the error budget" in tight["fc2"].reason
+    for lp in tight.values():
+        if lp.status == "sparse":
+            assert lp.model_error <= budget

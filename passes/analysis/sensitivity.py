@@ -1,0 +1,34 @@
+"""Model-level sensitivity: the output error of the captured graph with some weights made sparse.
+
+Weights are substituted with torch.func.functional_call, so neither the graph nor the user's
+parameters change. `accept` keeps a layer's sparse weight in place, so later layers are judged with
+the earlier choices already applied: the error is accumulated, as the model will run.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch.func import functional_call
+
+from sparsify.metrics import output_error
+
+MAX_BATCHES = 4
+
+
+class ModelSensitivity:
+    def __init__(self, gm: fx.GraphModule, batches):
+        self.gm = gm
+        self.batches = list(batches)[:MAX_BATCHES]
+        self.chosen: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            self.dense = [gm(*a, **k) for a, k in self.batches]
+
+    def error(self, extra: dict[str, torch.Tensor] | None = None) -> float:
+        weights = {**self.chosen, **(extra or {})}
+        with torch.no_grad():
+            outs = [functional_call(self.gm, weights, args=a, kwargs=k, strict=False)
+                    for a, k in self.batches]
+        return output_error(self.dense, outs)
+
+    def accept(self, target: str, weight: torch.Tensor) -> None:
+        self.chosen[target] = weight
