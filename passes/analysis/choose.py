@@ -257,7 +257,10 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                     continue
                 cand = Candidate(pattern, k.name, sparsity, layer_error=err, time_ms=ms)
                 lp.candidates.append(cand)
-                acceptable = err <= cfg.max_error or not isinstance(requested, Auto)
+                # The budget is on the model output: with model sensitivity on, _pick judges that;
+                # without it the layer error is the (stricter) stand-in.
+                acceptable = (err <= cfg.max_error or not isinstance(requested, Auto)
+                              or ctx.state.get("sensitivity") is not None)
                 faster = lp.dense_ms / ms >= cfg.min_speedup
                 if acceptable and (faster or (cfg.force and not isinstance(requested, Auto))):
                     feasible.append((cand, packed, w_sparse))
