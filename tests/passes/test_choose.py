@@ -60,10 +60,12 @@ def test_auto_picks_the_fastest_candidate_within_the_error_budget():
     tight = _compile(Config(weight=Auto(), candidates=cands, max_error=0.2), {"dense": 1.0, "csr_torch": 0.5})
     for lp in tight.values():
         assert lp.status == "sparse" and lp.model_error <= 0.2, lp.reason
-    # fc1 at 90% breaks the budget, so the planner fell back to the slower, milder candidate there.
-    assert tight["fc1"].pattern == Unstructured(0.1)
-    rejected = [c for c in tight["fc1"].candidates if c.pattern == Unstructured(0.9)]
-    assert rejected and rejected[0].model_error > 0.2
+    # Where 90% would break the accumulated budget, the planner fell back to the milder candidate.
+    mild = [lp for lp in tight.values() if lp.pattern == Unstructured(0.1)]
+    assert mild, "with a 0.2 budget not every layer can be 90% sparse"
+    for lp in mild:
+        rejected = [c for c in lp.candidates if c.pattern == Unstructured(0.9)]
+        assert rejected and rejected[0].model_error > 0.2
 
 
 def test_unknown_kernel_name_is_an_error():
