@@ -302,7 +302,8 @@ def build_pattern(ctx: Ctx, kind: str, params, W: torch.Tensor, scores: torch.Te
             if not ctx.nm.semi_structured_available(dev if dev.type == "cuda" else None):
                 return ("skip", "cuSPARSELt unavailable (needs CUDA sm_80+ and a cuSPARSELt build)")
             comp = ctx.nm.pack_cslt(Wm)
-            return ("ok", lambda x, xT: (lambda: ctx.nm.cslt_linear(x, comp, N)), "sparsify::cslt_linear")
+            return ("ok", lambda x, xT: (lambda: ctx.nm.cslt_linear(x, comp, N)),
+                    "sparsify::cslt_linear (torch re-plans cuSPARSELt every call)")
 
         def sp_nm():
             pk = ctx.nm.pack_nm(Wm, n, m)
@@ -339,7 +340,9 @@ def config_note(ctx: Ctx, provider: str, params, M: int, N: int, K: int) -> str:
             return f"BM{bm} w{w} s{s}"
         if provider == "sparsify-nm":
             bm, bn, bk, w, s = ctx.nm._config_for(M, N, K, ctx.dtype)
-            return f"{bm}x{bn}x{bk} w{w} s{s}"
+            variant = getattr(ctx.nm, "_permute_x_for", None)
+            variant = "" if variant is None else (" permute-x" if variant(bn, bk) else " interleave")
+            return f"{bm}x{bn}x{bk} w{w} s{s}{variant}"
     except Exception:  # noqa: BLE001 - a note only
         pass
     return ""

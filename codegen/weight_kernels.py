@@ -28,7 +28,7 @@ class Packed:
 @dataclasses.dataclass(frozen=True)
 class WeightKernel:
     name: str
-    version: str
+    module: str                         # codegen.kernels.<module>; its KERNEL_VERSION keys the cost cache
     serves: tuple                       # pattern classes
     devices: tuple                      # "cpu", "cuda"
     op_name: str                        # torch.ops.sparsify.<op_name>
@@ -37,6 +37,12 @@ class WeightKernel:
     supports: Callable[[Pattern, torch.dtype, tuple], str | None] = lambda p, dt, wshape: None
     triton: bool = False                # a Triton kernel: also usable on CPU when kernels are forced
     layer_op: str = "linear"            # the layer kind it replaces: "linear" (also addmm/mm) or "conv2d"
+
+    @property
+    def version(self) -> str:
+        import importlib
+
+        return importlib.import_module(f"{__package__}.kernels.{self.module}").KERNEL_VERSION
 
     @property
     def op(self):
@@ -127,22 +133,22 @@ def register_kernel(k: WeightKernel) -> WeightKernel:
 
 
 register_kernel(WeightKernel(
-    "bsr_triton", "bsr_linear-1", (Block,), ("cuda",), "bsr_linear", _pack_bsr,
+    "bsr_triton", "bsr_linear", (Block,), ("cuda",), "bsr_linear", _pack_bsr,
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, bias, res, act),
     triton=True))
 register_kernel(WeightKernel(
-    "nm_triton", "nm_linear-1", (NM,), ("cuda",), "nm_linear", _pack_nm,
+    "nm_triton", "nm_linear", (NM,), ("cuda",), "nm_linear", _pack_nm,
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["meta"], n, k, s["n"], s["m"], bias, res, act),
     _nm_supports, triton=True))
 register_kernel(WeightKernel(
-    "cslt_2to4", "cslt-1", (NM,), ("cuda",), "cslt_linear", _pack_cslt,
+    "cslt_2to4", "nm_linear", (NM,), ("cuda",), "cslt_linear", _pack_cslt,
     lambda x, b, s, bias, res, act, n, k: (x, b["compressed"], n, bias, res, act),
     _cslt_supports))
 register_kernel(WeightKernel(
-    "csr_torch", "csr_linear-1", (Unstructured, NM, Block), ("cpu", "cuda"), "csr_linear", _pack_csr,
+    "csr_torch", "csr_linear", (Unstructured, NM, Block), ("cpu", "cuda"), "csr_linear", _pack_csr,
     lambda x, b, s, bias, res, act, n, k: (x, b["crow"], b["col"], b["values"], n, k, bias, res, act)))
 register_kernel(WeightKernel(
-    "bsr_conv_triton", "bsr_conv2d-1", (Block,), ("cuda",), "bsr_conv2d", _pack_bsr_conv,
+    "bsr_conv_triton", "bsr_conv2d", (Block,), ("cuda",), "bsr_conv2d", _pack_bsr_conv,
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, s["kh"], s["kw"],
                                            s["stride"], s["padding"], s["dilation"], bias, res, act),
     triton=True, layer_op="conv2d"))

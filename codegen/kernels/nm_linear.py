@@ -25,6 +25,10 @@ K not a multiple of m: the last group is partial (size s = K - (G-1) * m). `nm_m
 min(n, s) of it; packing treats the positions >= s as zeros, so a padding slot may point there, and
 the kernel never reads x past K. No ValueError for such K: odd in_features are common enough.
 
+Kernels: 2:4 runs `_nm24_linear_kernel`, which reads a W tile with three plain contiguous loads
+(values [BLOCK_N, BLOCK_K/2], meta bytes [BLOCK_N, BLOCK_K/8], x) and expands it with shifts and
+selects; every other n:m runs the general `_nm_linear_kernel`, which gathers per column (slower).
+
 Entry points: `nm_mask` / `pack_nm` / `unpack_nm` (host-side weight handling), `nm_linear_triton`
 (Triton launch), `nm_linear_reference` (torch, same signature), `nm_linear` (the `sparsify::nm_linear`
 custom op, works under torch.compile and torch.export). For large M on Ampere+ GPUs, cuSPARSELt's 2:4
@@ -45,7 +49,7 @@ from sparsify.codegen import runtime
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
-KERNEL_VERSION = "nm_linear-1"
+KERNEL_VERSION = "nm_linear-2"
 
 MAX_GROUP = 16
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -286,18 +290,125 @@ def _nm_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _config_for(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): a hand heuristic until GPU tuning replaces it.
+@triton.jit
+def _nm24_linear_kernel(
+    x_ptr, v_ptr, meta_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K, V_COLS, META_COLS,
+    stride_xm, stride_xk, stride_vn, stride_metan, stride_rm, stride_rn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERMUTE_X: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The 2:4 case of `_nm_linear_kernel`, with a cheap expansion: plain contiguous tile loads only.
 
-    Few tokens (the case this format is for) are memory bound: a 16-row tile wastes the least of
-    tl.dot's minimum, narrow BLOCK_N gives enough programs to keep every SM streaming W, and a long
-    BLOCK_K makes each program's reads long. Larger M moves towards the usual compute-bound tiles.
+    Per K step it loads x [BLOCK_M, BLOCK_K], the values tile [BLOCK_N, BLOCK_K/2] and the metadata
+    tile [BLOCK_N, BLOCK_K/8] (one byte = two groups = four 2-bit indices), splits the values into the
+    first and second kept value of each group (v0, v1) and the bytes into the two indices (i0, i1),
+    and builds the four columns of every group, w_p = v0 if i0 == p, v1 if i1 == p, else 0, each
+    [BLOCK_N, BLOCK_K/4]. Then either (PERMUTE_X=False) interleaves them back into the dense
+    [BLOCK_N, BLOCK_K] tile for one tl.dot, or (PERMUTE_X=True, BLOCK_K >= 64) splits x the same way
+    into x_p (columns p, p+4, ...) and accumulates the four x_p @ w_p^T: the sum over K does not care
+    about the order of K, so nothing is interleaved. V_COLS / META_COLS: the row widths of values
+    and meta (the masks past the row end; past K the values are zero and x is masked).
     """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    QK: tl.constexpr = BLOCK_K // 4
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_v = tl.arange(0, BLOCK_K // 2)
+    offs_b = tl.arange(0, BLOCK_K // 8)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    v_ptrs = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn + offs_v[None, :]
+    meta_ptrs = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_metan + offs_b[None, :]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        vals = tl.load(v_ptrs, mask=mask_n[:, None] & (offs_v[None, :] < V_COLS - k0 // 2), other=0.0)
+        byte = tl.load(meta_ptrs, mask=mask_n[:, None] & (offs_b[None, :] < META_COLS - k0 // 8),
+                       other=0).to(tl.int32)
+        # Byte b holds groups 2b (low nibble) and 2b+1; a nibble is i0 | i1 << 2.
+        nib = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK_N, QK))
+        i0 = nib & 3
+        i1 = nib >> 2
+        v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, QK, 2)))
+        zero = tl.zeros_like(v0)
+        w0 = tl.where(i0 == 0, v0, tl.where(i1 == 0, v1, zero))
+        w1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
+        w2 = tl.where(i0 == 2, v0, tl.where(i1 == 2, v1, zero))
+        w3 = tl.where(i0 == 3, v0, tl.where(i1 == 3, v1, zero))
+        if UPCAST_DOT:
+            x_tile = x_tile.to(tl.float32)
+            w0 = w0.to(tl.float32)
+            w1 = w1.to(tl.float32)
+            w2 = w2.to(tl.float32)
+            w3 = w3.to(tl.float32)
+        if PERMUTE_X:
+            # [m, g, j, i] holds column 4g + 2j + i: split i, then j.
+            xa, xb = tl.split(tl.reshape(x_tile, (BLOCK_M, QK, 2, 2)))
+            x0, x2 = tl.split(xa)
+            x1, x3 = tl.split(xb)
+            acc = tl.dot(x0, tl.trans(w0), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x1, tl.trans(w1), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x2, tl.trans(w2), acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(x3, tl.trans(w3), acc, input_precision=INPUT_PRECISION)
+        else:
+            # join(join(w0, w2), join(w1, w3)) is [n, g, j, i] = w_{2j + i}: flat 4g + 2j + i = column.
+            w_tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, BLOCK_K))
+            acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        v_ptrs += BLOCK_K // 2
+        meta_ptrs += BLOCK_K // 8
+
+    offs_m64 = offs_m.to(tl.int64)
+    acc = apply_epilogue(acc, offs_m64, offs_n, M, N, bias_ptr, res_ptr, stride_rm, stride_rn,
+                         HAS_BIAS, ACTIVATION, HAS_RESIDUAL)
+    out_ptrs = out_ptr + offs_m64[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config_for(M: int, N: int, K: int, dtype: torch.dtype, n: int = 2,
+                m: int = 4) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an n:m launch (default 2:4).
+
+    2:4 (`_nm24_linear_kernel`), from a sweep on an H100 (fp16, K = 4096, N = 4096 and 14336):
+    few tokens are memory bound, so a 16-row tile (tl.dot's minimum), BLOCK_N = 16 for enough
+    programs to keep every SM streaming W (N / 16 >= 256 programs; 32 past N = 8192), a long
+    BLOCK_K = 256 and 2 warps with 4 stages won (about 1.2x dense cuBLAS at M = 1..16, against 0.1x
+    for the gather-based kernel). Large M: 128 x 64 x 64 with 4 warps was the best tile tried
+    (still about 0.4x dense: the register expansion costs more than the halved reads save there).
+    Other n:m (`_nm_linear_kernel`): the earlier hand heuristic, untuned.
+    """
+    if (n, m) == (2, 4):
+        if M <= 16:
+            return 16, (16 if N <= 8192 else 32), 256, 2, 4
+        if M <= 64:
+            return (32 if M <= 32 else 64), 64, 128, 4, 3
+        return 128, 64, 64, 4, 3
     if M <= 16:
         return 16, (32 if N <= 8192 else 64), 128, 4, 3
     if M <= 64:
         return (32 if M <= 32 else 64), 64, 64, 4, 3
     return 128, 128, 32, 8, 3
+
+
+def _permute_x_for(block_n: int, block_k: int) -> bool:
+    """2:4 kernel variant. The re-interleaving one (False) was as fast or faster wherever it compiled,
+    but Triton 3.6 failed to compile it ("PassManager::run failed") for BLOCK_N >= 128 with 4 warps
+    and for 128 x 256 tiles with 8 warps, so wide tiles take the permuted-x one (needs BLOCK_K >= 64)."""
+    return block_n >= 128 and block_k >= 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,12 +499,15 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
                      out: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None,
                      block_m: Optional[int] = None, block_n: Optional[int] = None,
                      block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
+                     num_stages: Optional[int] = None, input_precision: str = "tf32",
+                     permute_x: Optional[bool] = None) -> torch.Tensor:
     """y[..., n_out] = epilogue(x[..., k_in] @ W^T), W n:m-compressed (values, meta); launches Triton.
 
     `out`, if given, is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype, which
     defaults to x.dtype). The keyword-only tile arguments override `_config_for` (powers of two, >= 16);
     input_precision applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products).
+    2:4 with block_k >= 64 runs `_nm24_linear_kernel` (permute_x picks its variant, default
+    `_permute_x_for`); smaller block_k and every other n:m run the general `_nm_linear_kernel`.
     """
     out_dtype = _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
                             kernel_dtypes=True)
@@ -422,12 +536,40 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     else:
         res2, stride_rm, stride_rn = out2, 0, 0
 
-    cfg = _config_for(rows, n_out, k_in, x.dtype)
+    cfg = _config_for(rows, n_out, k_in, x.dtype, n, m)
     bm, bn, bk = block_m or cfg[0], block_n or cfg[1], block_k or cfg[2]
     for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
         if not _is_int(b) or b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
     grid = (triton.cdiv(rows, bm) * triton.cdiv(n_out, bn),)
+    warps, stages = num_warps or cfg[3], num_stages or cfg[4]
+    upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
+    if (n, m) == (2, 4) and bk >= 64:
+        # BLOCK_K < 64 goes to the general kernel: the 2:4 kernel's tiny join/split shapes there
+        # (BLOCK_K/8 = 2 bytes per row) gave wrong fp32 results on an H100 (16 x 16 x 16 tile).
+        permute = _permute_x_for(bn, bk) if permute_x is None else bool(permute_x)
+
+        def launch(permute):
+            _nm24_linear_kernel[grid](
+                x2, values, meta, bias_arg, res2, out2,
+                rows, n_out, k_in, values.shape[1], meta.shape[1],
+                x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), stride_rm, stride_rn,
+                out2.stride(0), out2.stride(1),
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERMUTE_X=permute,
+                HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
+                HAS_RESIDUAL=residual is not None, INPUT_PRECISION=input_precision, UPCAST_DOT=upcast,
+                num_warps=warps, num_stages=stages,
+            )
+
+        try:
+            launch(permute)
+        except RuntimeError as e:
+            # Triton's MLIR pipeline rejects some (variant, tile, warps) combinations (see
+            # `_permute_x_for`); the other variant computes the same thing.
+            if "PassManager" not in str(e):
+                raise
+            launch(not permute)
+        return out
     bits = meta_bits(m)
     _nm_linear_kernel[grid](
         x2, values, meta, bias_arg, res2, out2,
@@ -438,8 +580,7 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
         HAS_RESIDUAL=residual is not None, INPUT_PRECISION=input_precision,
-        UPCAST_DOT=(x.dtype == torch.bfloat16 and runtime.interpreter_on()),
-        num_warps=num_warps or cfg[3], num_stages=num_stages or cfg[4],
+        UPCAST_DOT=upcast, num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -450,7 +591,8 @@ def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
                         out: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None,
                         block_m: Optional[int] = None, block_n: Optional[int] = None,
                         block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                        num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
+                        num_stages: Optional[int] = None, input_precision: str = "tf32",
+                        permute_x: Optional[bool] = None) -> torch.Tensor:
     """Torch version of `nm_linear_triton` (same signature; launch tuning arguments are ignored).
 
     Unpacks W, multiplies in float32 (float64 for float64 inputs, which the tests use as ground truth),
@@ -554,9 +696,14 @@ def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
     pad = (-rows) % _CSLT_DENSE_MULTIPLE
     if pad:
         x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-    # cuSPARSELt computes W @ B with W the sparse operand: B = x^T (a transposed view, as torch's
-    # own semi-structured linear passes it) and transpose_result gives [rows, n_out] directly.
-    y = torch._cslt_sparse_mm(compressed, x2.t(), transpose_result=True)[:rows]
+    # cuSPARSELt computes W @ B with W the sparse operand, B = x^T [k, rows]. B is made contiguous
+    # and the [n_out, rows] result transposed back here: with torch 2.11 + cuSPARSELt 0.8 on an H100,
+    # passing the transposed view x2.t() (cuSPARSELt's op(B) = TRANSPOSE) with transpose_result=True
+    # cost 230-350 ms per call (wall clock, 4096 x 4096 weight, 16 rows), against ~1.2 ms with a
+    # contiguous B. Even that is ~50x a dense 0.023 ms GEMM: torch builds and destroys a cuSPARSELt
+    # plan on every _cslt_sparse_mm call, so this op only pays off where the GEMM itself takes
+    # milliseconds; the cost model measures it like any other kernel.
+    y = torch._cslt_sparse_mm(compressed, x2.t().contiguous()).t()[:rows]
     if bias is not None or residual is not None or activation != "none":
         epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
         res2 = residual.reshape(rows, n_out) if residual is not None else None
