@@ -32,6 +32,10 @@ class Config:
     candidates: the patterns `Auto` tries for weight layers.
     model_sensitivity: measure each candidate's model-output error (accumulated over the layers chosen
       before it) and let Auto pick only candidates within max_error; off = layer error only.
+    max_layer_error: with Auto, a candidate whose own layer output error exceeds this is not taken even
+      if the model output hides it (random or redundant layers can wash an error out downstream).
+    check_model_speed: after verification, time the compiled model against dense end to end; if it is
+      slower, every layer goes back to dense (the report says why).
     min_speedup: a layer is sparse only if dense_ms / sparse_ms >= this (a margin over timing noise).
     kernels: when non-empty, only these weight kernels (by name, e.g. "bsr_triton") are considered.
     """
@@ -51,6 +55,8 @@ class Config:
     kernels: tuple = ()
     min_speedup: float = 1.05
     model_sensitivity: bool = True
+    max_layer_error: float = 0.5
+    check_model_speed: bool = True
 
     def __post_init__(self):
         for family in _FAMILIES:
@@ -111,6 +117,7 @@ class Config:
         d.update(max_error=self.max_error, force=self.force, dtype=self.dtype, device=self.device,
                  seed=self.seed, timing_repeats=self.timing_repeats, kernels=list(self.kernels),
                  min_speedup=self.min_speedup, model_sensitivity=self.model_sensitivity,
+                 max_layer_error=self.max_layer_error, check_model_speed=self.check_model_speed,
                  overrides=[[g, p.to_dict()] for g, p in self.overrides],
                  candidates=[c.to_dict() for c in self.candidates])
         return d

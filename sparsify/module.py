@@ -155,6 +155,7 @@ class SparseModule(nn.Module):
 
         build()
         self._verify_and_roll_back(cap, batches, build)
+        self._check_model_speed(cap, batches, build)
         self._pass_through_if_dense(cap)
         self._compiled[_signature(args, kwargs)] = cap
         self.capture_info = cap
@@ -198,6 +199,29 @@ class SparseModule(nn.Module):
                             f"sparse (layer error {worst.layer_error:.3g}, the largest); was: {worst.reason}")
             self._say(f"roll back {worst.fqn} (model error {err:.3g} > {budget})")
             build()
+
+    def _check_model_speed(self, cap: Capture, batches, build) -> None:
+        """Per-layer timings miss what only shows end to end (launch gaps, layout copies): time the
+        compiled model against dense on the first calibration batch and give up if it is slower."""
+        if not self.config.check_model_speed or self.config.force or not self.plan.sparse_layers() or not batches:
+            return  # force means "sparse even where slower": the user asked for it
+        from .passes.analysis.cost import measure_ms
+
+        args, kwargs = batches[0]
+        self._say("time the compiled model against dense end to end")
+        dense_ms = measure_ms(lambda: self._model(*args, **kwargs), self.device, self.config.timing_repeats)
+        sparse_ms = measure_ms(lambda: cap.root(*args, **kwargs), self.device, self.config.timing_repeats)
+        self.plan.model_dense_ms, self.plan.model_sparse_ms = dense_ms, sparse_ms
+        if sparse_ms <= dense_ms:
+            return
+        why = (f"rolled back: the compiled model measured {sparse_ms:.4f} ms vs dense {dense_ms:.4f} ms end "
+               f"to end (per-layer gains lost to launch overhead or layout copies)")
+        for lp in self.plan.sparse_layers():
+            lp.status, lp.reason = ROLLED_BACK, f"{why}; was: {lp.reason}"
+        self.plan.notes.append(why)
+        self._say(why)
+        build()
+        self.plan.model_error = 0.0 if not self.plan.sparse_layers() else self.plan.model_error
 
     def _pass_through_if_dense(self, cap: Capture) -> None:
         """No rewrite changed anything: run the user's module itself, so the compiled model is never

@@ -93,6 +93,8 @@ class Plan:
         self.layers: dict[str, LayerPlan] = dict(layers or {})
         self.model_error = model_error
         self.notes: list[str] = list(notes or [])
+        self.model_dense_ms: float | None = None    # end-to-end times from the model-level check
+        self.model_sparse_ms: float | None = None
 
     def __getitem__(self, fqn: str) -> LayerPlan:
         try:
@@ -117,6 +119,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": 1, "model_error": self.model_error, "notes": list(self.notes),
+                "model_dense_ms": self.model_dense_ms, "model_sparse_ms": self.model_sparse_ms,
                 "layers": [lp.to_dict() for lp in self.layers.values()]}
 
     @classmethod
@@ -124,7 +127,9 @@ class Plan:
         if d.get("version") != 1:
             raise ValueError(f"plan version {d.get('version')!r} is not supported (expected 1)")
         layers = [LayerPlan.from_dict(x) for x in d["layers"]]
-        return cls({lp.fqn: lp for lp in layers}, d.get("model_error"), d.get("notes"))
+        plan = cls({lp.fqn: lp for lp in layers}, d.get("model_error"), d.get("notes"))
+        plan.model_dense_ms, plan.model_sparse_ms = d.get("model_dense_ms"), d.get("model_sparse_ms")
+        return plan
 
     def to_json(self, path=None) -> str:
         text = json.dumps(self.to_dict(), indent=1)

@@ -35,6 +35,9 @@ def plan_table(plan: Plan) -> str:
         out.append(f"  {lp.fqn}: {lp.reason}")
     if plan.model_error is not None:
         out.append(f"model output error vs dense (relative L2, calibration data): {plan.model_error:.3e}")
+    if plan.model_dense_ms is not None:
+        out.append(f"end to end (first calibration batch): dense {plan.model_dense_ms:.4f} ms, compiled "
+                   f"{plan.model_sparse_ms:.4f} ms ({plan.model_dense_ms / plan.model_sparse_ms:.2f}x)")
     for note in plan.notes:
         out.append(f"note: {note}")
     out.append("(* = estimated, not measured)")

@@ -198,3 +198,29 @@ def test_channel_pruning_through_compile_keeps_output_shape_and_reports():
     n_params = sum(p.numel() for p in sm.graph_module.parameters())
     assert n_params < sum(p.numel() for p in model.parameters())
     assert sm.plan.model_error is not None and "pruned" in sm.report()
+
+
+def test_compiled_model_slower_end_to_end_is_rolled_back(monkeypatch):
+    """Per-layer wins that vanish end to end (launch overhead) must not ship: everything goes dense."""
+    from sparsify.passes.analysis import cost
+
+    model = MLP()
+    x = mlp_input(8)
+    calls = []
+
+    def fake_measure(fn, device, repeats=20):
+        calls.append(fn)
+        return 1.0 if len(calls) % 2 else 2.0   # end to end: dense 1.0 ms, compiled 2.0 ms
+
+    def fake_layer_time(self, key, fn):          # per layer: sparse 2x faster than dense
+        return 1.0 if key.split("|")[3] == "dense" else 0.5
+
+    cfg = Config(weight=Unstructured(0.5), max_error=10.0, **FAST)
+    monkeypatch.setattr(cost, "measure_ms", fake_measure)
+    monkeypatch.setattr(cost.CostModel, "time", fake_layer_time)
+    sm = sparsify.compile(model, (x,), cfg)
+    assert len(calls) == 2
+    assert not sm.plan.sparse_layers()
+    assert all(lp.status == ROLLED_BACK and "end to end" in lp.reason for lp in sm.plan.layers.values())
+    assert sm.plan.model_sparse_ms == 2.0 and "end to end" in sm.report()
+    torch.testing.assert_close(sm(x), model(x))

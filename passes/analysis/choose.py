@@ -259,8 +259,11 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                 lp.candidates.append(cand)
                 # The budget is on the model output: with model sensitivity on, _pick judges that;
                 # without it the layer error is the (stricter) stand-in.
-                acceptable = (err <= cfg.max_error or not isinstance(requested, Auto)
-                              or ctx.state.get("sensitivity") is not None)
+                if isinstance(requested, Auto):
+                    layer_cap = cfg.max_layer_error if ctx.state.get("sensitivity") is not None else cfg.max_error
+                    acceptable = err <= min(layer_cap, cfg.max_layer_error)
+                else:
+                    acceptable = True
                 faster = lp.dense_ms / ms >= cfg.min_speedup
                 if acceptable and (faster or (cfg.force and not isinstance(requested, Auto))):
                     feasible.append((cand, packed, w_sparse))

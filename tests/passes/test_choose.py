@@ -16,7 +16,7 @@ class FakeCost(cost_mod.CostModel):
         self.table = table
 
     def time(self, key, fn):
-        return self.table[key.split("|")[2]]
+        return self.table[key.split("|")[3]]
 
 
 def _compile(cfg, table):
@@ -55,9 +55,11 @@ def test_auto_picks_the_fastest_candidate_within_the_error_budget():
     # 90% unstructured is fastest but ruins random weights; NM 2:4 at ~50% error is over a 0.3 budget,
     # so with a generous budget the fastest wins and with a tight one nothing does.
     cands = (Unstructured(0.9), Unstructured(0.1))
-    loose = _compile(Config(weight=Auto(), candidates=cands, max_error=10.0), {"dense": 1.0, "csr_torch": 0.5})
+    loose = _compile(Config(weight=Auto(), candidates=cands, max_error=10.0, max_layer_error=10.0),
+                     {"dense": 1.0, "csr_torch": 0.5})
     assert all(lp.pattern == Unstructured(0.9) for lp in loose.values())
-    tight = _compile(Config(weight=Auto(), candidates=cands, max_error=0.2), {"dense": 1.0, "csr_torch": 0.5})
+    tight = _compile(Config(weight=Auto(), candidates=cands, max_error=0.2, max_layer_error=10.0),
+                     {"dense": 1.0, "csr_torch": 0.5})
     for lp in tight.values():
         assert lp.status == "sparse" and lp.model_error <= 0.2, lp.reason
     # Where 90% would break the accumulated budget, the planner fell back to the milder candidate.
@@ -76,14 +78,22 @@ def test_unknown_kernel_name_is_an_error():
 def test_auto_budget_is_on_the_accumulated_model_error():
     cands = (Unstructured(0.5),)
     table = {"dense": 1.0, "csr_torch": 0.5}
-    loose = _compile(Config(weight=Auto(), candidates=cands, max_error=10.0), table)
+    loose = _compile(Config(weight=Auto(), candidates=cands, max_error=10.0, max_layer_error=10.0), table)
     e1, e12 = loose["fc1"].model_error, loose["fc2"].model_error
     assert e1 is not None and e12 > e1, "fc2's error is measured with fc1 already sparse"
     budget = (e1 + e12) / 2
-    tight = _compile(Config(weight=Auto(), candidates=cands, max_error=budget), table)
+    tight = _compile(Config(weight=Auto(), candidates=cands, max_error=budget, max_layer_error=10.0), table)
     assert tight["fc1"].status == "sparse" and tight["fc1"].model_error <= budget
     assert tight["fc2"].status == "dense"
     assert "over the error budget" in tight["fc2"].reason
     for lp in tight.values():
         if lp.status == "sparse":
             assert lp.model_error <= budget
+
+
+def test_auto_refuses_a_destroyed_layer_even_if_the_model_output_hides_it():
+    plans = _compile(Config(weight=Auto(), candidates=(Unstructured(0.9),), max_error=10.0, max_layer_error=0.3),
+                     {"dense": 1.0, "csr_torch": 0.5})
+    for lp in plans.values():
+        assert lp.status == "dense"
+        assert all(c.layer_error > 0.3 for c in lp.candidates if c.layer_error is not None)
