@@ -36,19 +36,10 @@ def parse_pattern(text: str):
                                      f"unstructured:S")
 
 
-def _time_ms(fn, device, repeats=10) -> float:
-    with torch.no_grad():
-        fn()
-        if device.type == "cuda":
-            from triton.testing import do_bench
+def _time_ms(fn, device) -> float:
+    from .passes.analysis.cost import measure_ms  # the cost model's timer: back-to-back calls
 
-            return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        return sorted(samples)[len(samples) // 2]
+    return measure_ms(fn, device)
 
 
 def _demo_one(name, model, inputs, calib, cfg, device):
