@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import runtime
-from sparsify.patterns import NM, Block, Channel, Pattern, Unstructured
+from sparsify.patterns import NM, Block, Pattern, Unstructured
 
 
 @dataclasses.dataclass(frozen=True)

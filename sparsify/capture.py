@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
 
 import torch
 import torch.fx as fx

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import sys
 import time
-from typing import Any
 
 import torch
 import torch.fx as fx
@@ -16,7 +15,7 @@ from .capture import Capture, CapturedPart, capture, _record_child_inputs
 from .config import Config
 from .metrics import output_error
 from .pipeline import PassContext, Pipeline, Timing
-from .plan import DENSE, FORCED, ROLLED_BACK, SPARSE, Plan
+from .plan import ROLLED_BACK, Plan
 
 
 def _signature(args, kwargs) -> tuple:

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
+from sparsify.codegen.kernels._checks import check_out
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
 from sparsify.codegen.kernels.bsr_linear import _block_grid, _check_block, _describe, _unpack
@@ -383,17 +384,6 @@ def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, kh: int, kw: int,
                          f"last={int(row_ptr[-1])}")
 
 
-def _check_out(out, shape, dtype, device):
-    if out is None:
-        return
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {_describe(out)}")
-    if out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
-    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError("out must be contiguous (NCHW) or channels-last contiguous")
-
-
 def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                       o: int, kh: int, kw: int, stride: IntPair = 1, padding: IntPair = 0,
                       dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
@@ -417,7 +407,7 @@ def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     if input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, kh, kw, check_indices)
-    _check_out(out, out_shape, x.dtype, x.device)
+    check_out(out, out_shape, x.dtype, x.device, channels_last_ok=True)
     if out is None:
         out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
     n, c, h, w = x.shape
@@ -472,7 +462,7 @@ def bsr_conv2d_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
         x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual, activation,
         groups, kernel_dtypes=False)
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, kh, kw, check_indices)
-    _check_out(out, out_shape, x.dtype, x.device)
+    check_out(out, out_shape, x.dtype, x.device, channels_last_ok=True)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = _unpack_conv(values, row_ptr, col_idx, o, x.shape[1], kh, kw).to(acc_dtype)
     acc = F.conv2d(x.to(acc_dtype), weight, None, stride2, padding2, dilation2)

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsify.codegen.kernels._checks import check_out
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 from sparsify.codegen import runtime
 
@@ -308,17 +309,6 @@ def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, check: Optional[b
                          f"last={int(row_ptr[-1])}")
 
 
-def _check_out(out, shape, dtype, device):
-    if out is None:
-        return
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {_describe(out)}")
-    if out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-
-
 def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                       col_idx: torch.Tensor, n_out: int, bias: Optional[torch.Tensor] = None,
                       residual: Optional[torch.Tensor] = None, activation: str = "none",
@@ -338,7 +328,7 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, check_indices)
     lead = tuple(x.shape[:-1])
-    _check_out(out, lead + (n_out,), out_dtype, x.device)
+    check_out(out, lead + (n_out,), out_dtype, x.device)
     if out is None:
         out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
     m = math.prod(lead)
@@ -390,7 +380,7 @@ def bsr_linear_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
                                       out_dtype, kernel_dtypes=False)
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, check_indices)
     lead = tuple(x.shape[:-1])
-    _check_out(out, lead + (n_out,), out_dtype, x.device)
+    check_out(out, lead + (n_out,), out_dtype, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = _unpack(values, row_ptr, col_idx, n_out, k).to(acc_dtype)
     acc = x.to(acc_dtype) @ w.t()

@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_reference
+from sparsify.codegen.kernels._checks import check_linear_epilogue, check_out
+from sparsify.codegen.epilogue import Epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the computation or its checks change.
 KERNEL_VERSION = "csr_linear-1"
@@ -102,20 +103,7 @@ def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, k
     for name, t in (("crow", crow), ("col", col), ("values", values)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    lead = tuple(x.shape[:-1])
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias must have shape ({n_out},), got {_shape(bias)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
-            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
-                             f"got {_shape(residual)}")
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_linear_epilogue(x, n_out, bias, residual, activation)
 
 
 # Index tensors already validated, so the per-call check is O(1) for the buffers a model passes
@@ -150,15 +138,6 @@ def _check_indices(crow, col, k_in: int, check: Optional[bool]) -> None:
     _VALIDATED[key] = (weakref.ref(crow), weakref.ref(col), (crow._version, col._version))
 
 
-def _check_out(out, shape, dtype, device) -> None:
-    if out is None:
-        return
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {_shape(out)}")
-    if out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
-
-
 def _epilogue(acc, x, bias, residual, activation, rows, n_out):
     epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
     res2 = residual.reshape(rows, n_out) if residual is not None else None
@@ -177,7 +156,7 @@ def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
     _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes=True)
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(x.shape[:-1])
-    _check_out(out, lead + (n_out,), x.dtype, x.device)
+    check_out(out, lead + (n_out,), x.dtype, x.device)
     rows = math.prod(lead)
     if rows == 0 or n_out == 0:
         return out if out is not None else x.new_empty(lead + (n_out,))
@@ -207,7 +186,7 @@ def csr_linear_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
     _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes=False)
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(x.shape[:-1])
-    _check_out(out, lead + (n_out,), x.dtype, x.device)
+    check_out(out, lead + (n_out,), x.dtype, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     counts = (crow[1:] - crow[:-1]).long()
     row_of = torch.repeat_interleave(torch.arange(n_out, device=x.device), counts)

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
+from sparsify.codegen.kernels._checks import check_linear_epilogue, check_out
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
@@ -454,43 +455,11 @@ def _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, 
     for name, t in (("values", values), ("meta", meta)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    _check_epilogue_args(x, n_out, bias, residual, activation)
+    check_linear_epilogue(x, n_out, bias, residual, activation)
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
     return out_dtype
-
-
-def _check_epilogue_args(x, n_out, bias, residual, activation) -> None:
-    lead = tuple(x.shape[:-1])
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias must have shape ({n_out},), got {_shape(bias)}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
-            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
-                             f"got {_shape(residual)}")
-        if not residual.dtype.is_floating_point:
-            raise TypeError(f"residual must be a floating tensor, got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def _check_out(out, shape, dtype, device) -> None:
-    if out is None:
-        return
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out must have shape {tuple(shape)}, got {_shape(out)}")
-    if out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
-    if not out.is_contiguous():
-        raise ValueError("out must be contiguous")
 
 
 def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
@@ -514,7 +483,7 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     if input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
     lead = tuple(x.shape[:-1])
-    _check_out(out, lead + (n_out,), out_dtype, x.device)
+    check_out(out, lead + (n_out,), out_dtype, x.device)
     if out is None:
         out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
     rows = math.prod(lead)
@@ -601,7 +570,7 @@ def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     out_dtype = _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
                             kernel_dtypes=False)
     lead = tuple(x.shape[:-1])
-    _check_out(out, lead + (n_out,), out_dtype, x.device)
+    check_out(out, lead + (n_out,), out_dtype, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     w = _unpack(values, meta, k_in, n, m).to(acc_dtype)
     acc = x.to(acc_dtype) @ w.t()
@@ -687,7 +656,7 @@ def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
         raise TypeError(f"sparsify::cslt_linear: x dtype must be one of {_CSLT_DTYPES}, got {x.dtype}")
     if compressed.dtype != x.dtype:
         raise TypeError(f"compressed dtype {compressed.dtype} does not match x dtype {x.dtype}")
-    _check_epilogue_args(x, n_out, bias, residual, activation)
+    check_linear_epilogue(x, n_out, bias, residual, activation)
     lead = tuple(x.shape[:-1])
     rows, k = math.prod(lead), x.shape[-1]
     if rows == 0:

@@ -402,7 +402,7 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
         raise _Reject(f"channel dim {d} of {m.name} enters {_where(u)} at a non-channel position")
 
     if name == "embedding":
-        w, idx = u.args[0], u.args[1]
+        w = u.args[0]
         members = [(w, 1), (u, _rank(u) - 1)]
         if slot not in members:
             raise _Reject(f"channel dim {d} of {m.name} enters {_where(u)} at a non-channel position")

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 from sparsify import ir
 from sparsify.codegen import weight_kernels
-from sparsify.patterns import NM, Auto, Block, Channel, Dense, Pattern, Unstructured
+from sparsify.patterns import NM, Auto, Block, Channel, Pattern, Unstructured
 from sparsify.pipeline import PassContext, PassResult, register_pass
-from sparsify.plan import DENSE, FORCED, PRUNED, SPARSE, Candidate, LayerPlan
+from sparsify.plan import FORCED, PRUNED, SPARSE, Candidate, LayerPlan
 
 from . import criteria
 from .cost import CostModel

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 import torch.fx as fx
 
 from sparsify import ir

@@ -1,0 +1,49 @@
+"""Argument checks shared by the kernel host wrappers: one wording for one mistake everywhere."""
+from __future__ import annotations
+
+import torch
+
+from sparsify.codegen.epilogue import ACTIVATIONS
+
+
+def describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"{type(t).__name__}"
+
+
+def check_out(out, shape, dtype, device, *, channels_last_ok: bool = False, contiguous: bool = True) -> None:
+    """An optional caller-provided output buffer must match exactly (tests poison it with NaN)."""
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out must have shape {tuple(shape)}, got {describe(out)}")
+    if out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be {dtype} on {device}, got {out.dtype} on {out.device}")
+    if not contiguous:
+        return
+    if channels_last_ok:
+        if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError("out must be contiguous (NCHW) or channels-last contiguous")
+    elif not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def check_linear_epilogue(x, n_out: int, bias, residual, activation: str) -> None:
+    """bias [n_out], residual x.shape[:-1] + (n_out,), both floating and on x's device; a known activation."""
+    lead = tuple(x.shape[:-1])
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
+            raise ValueError(f"bias must have shape ({n_out},), got {describe(bias)}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
+            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
+                             f"got {describe(residual)}")
+        if not residual.dtype.is_floating_point:
+            raise TypeError(f"residual must be a floating tensor, got {residual.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
