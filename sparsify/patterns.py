@@ -24,6 +24,11 @@ def _check_fraction(owner: str, name: str, value: float, *, low_open=False, high
         raise PatternError(f"{owner}: {name}={value} is outside {lo}, {hi}")
 
 
+def _check_positive_int(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise PatternError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
 _REGISTRY: dict[str, type] = {}
 
 
@@ -126,8 +131,7 @@ class Block(Pattern):
     criterion: str = "magnitude"
 
     def __post_init__(self):
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block <= 0:
-            raise PatternError(f"Block: block must be a positive int, got {self.block!r}")
+        _check_positive_int("Block", "block", self.block)
         if self.block & (self.block - 1) or not 16 <= self.block <= 128:
             raise PatternError(f"Block: block={self.block} must be a power of two in [16, 128]")
         _check_fraction("Block", "density", self.density, low_open=True)
@@ -190,8 +194,8 @@ class TopK(Pattern):
     def __post_init__(self):
         if (self.k is None) == (self.fraction is None):
             raise PatternError("TopK: give exactly one of k or fraction")
-        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
-            raise PatternError(f"TopK: k must be a positive int, got {self.k!r}")
+        if self.k is not None:
+            _check_positive_int("TopK", "k", self.k)
         if self.fraction is not None:
             _check_fraction("TopK", "fraction", self.fraction, low_open=True)
 
@@ -211,8 +215,7 @@ class SlidingWindow(Pattern):
     causal: bool = True
 
     def __post_init__(self):
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window <= 0:
-            raise PatternError(f"SlidingWindow: window must be a positive int, got {self.window!r}")
+        _check_positive_int("SlidingWindow", "window", self.window)
 
 
 @_register
@@ -227,9 +230,7 @@ class Strided(Pattern):
 
     def __post_init__(self):
         for name in ("stride", "local"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise PatternError(f"Strided: {name} must be a positive int, got {v!r}")
+            _check_positive_int("Strided", name, getattr(self, name))
 
 
 @_register
@@ -243,12 +244,11 @@ class BlockMask(Pattern):
     topk: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block <= 0:
-            raise PatternError(f"BlockMask: block must be a positive int, got {self.block!r}")
+        _check_positive_int("BlockMask", "block", self.block)
         if (self.mask is None) == (self.topk is None):
             raise PatternError("BlockMask: give exactly one of mask or topk")
-        if self.topk is not None and (not isinstance(self.topk, int) or self.topk <= 0):
-            raise PatternError(f"BlockMask: topk must be a positive int, got {self.topk!r}")
+        if self.topk is not None:
+            _check_positive_int("BlockMask", "topk", self.topk)
 
 
 # ---- spatial sparsity ------------------------------------------------------------------------

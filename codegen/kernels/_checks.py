@@ -6,6 +6,24 @@ import torch
 from sparsify.codegen.epilogue import ACTIVATIONS
 
 
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_linear_input(x, values, n_out, k_in, allowed_dtypes) -> None:
+    """x [..., k_in] of an allowed dtype, packed values in x's dtype, non-negative int sizes."""
+    if not is_int(n_out) or n_out < 0:
+        raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
+    if not is_int(k_in) or k_in < 0:
+        raise ValueError(f"k_in must be a non-negative int, got {k_in!r}")
+    if x.dim() < 1 or x.shape[-1] != k_in:
+        raise ValueError(f"x must be [..., k_in={k_in}], got {tuple(x.shape)}")
+    if x.dtype not in allowed_dtypes:
+        raise TypeError(f"x dtype must be one of {allowed_dtypes}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+
+
 def describe(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"{type(t).__name__}"
 

@@ -28,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from sparsify.codegen.kernels._checks import check_linear_epilogue, check_out
+from sparsify.codegen.kernels._checks import check_linear_epilogue, check_linear_input, check_out
 from sparsify.codegen.epilogue import Epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the computation or its checks change.
@@ -40,10 +40,6 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 
 def _shape(t) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def pack_csr(weight: torch.Tensor) -> torch.Tensor:
@@ -81,17 +77,7 @@ def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, k
     for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not _is_int(n_out) or n_out < 0:
-        raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
-    if not _is_int(k_in) or k_in < 0:
-        raise ValueError(f"k_in must be a non-negative int, got {k_in!r}")
-    if x.dim() < 1 or x.shape[-1] != k_in:
-        raise ValueError(f"x must be [..., k_in={k_in}], got {tuple(x.shape)}")
-    allowed = _DTYPES if kernel_dtypes else _DTYPES + (torch.float64,)
-    if x.dtype not in allowed:
-        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    check_linear_input(x, values, n_out, k_in, _DTYPES if kernel_dtypes else _DTYPES + (torch.float64,))
     if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
         raise TypeError(f"crow and col must share an index dtype in {_INDEX_DTYPES}, got "
                         f"{crow.dtype} and {col.dtype}")

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.kernels._checks import check_linear_epilogue, check_out
+from sparsify.codegen.kernels._checks import check_linear_epilogue, check_linear_input, check_out, is_int
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
@@ -416,10 +416,6 @@ def _permute_x_for(block_n: int, block_k: int) -> bool:
 # Host wrapper and reference
 # ----------------------------------------------------------------------------------------------
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _shape(t) -> object:
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -431,17 +427,7 @@ def _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, 
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     n, m = _check_nm(n, m)
-    if not _is_int(n_out) or n_out < 0:
-        raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
-    if not _is_int(k_in) or k_in < 0:
-        raise ValueError(f"k_in must be a non-negative int, got {k_in!r}")
-    if x.dim() < 1 or x.shape[-1] != k_in:
-        raise ValueError(f"x must be [..., k_in={k_in}], got {tuple(x.shape)}")
-    allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
-    if x.dtype not in allowed:
-        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    check_linear_input(x, values, n_out, k_in, _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,))
     if meta.dtype != torch.uint8:
         raise TypeError(f"meta must be uint8, got {meta.dtype}")
     want_values = (n_out, num_groups(k_in, m) * n)
@@ -508,7 +494,7 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     cfg = _config_for(rows, n_out, k_in, x.dtype, n, m)
     bm, bn, bk = block_m or cfg[0], block_n or cfg[1], block_k or cfg[2]
     for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
-        if not _is_int(b) or b < 16 or b & (b - 1):
+        if not is_int(b) or b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
     grid = (triton.cdiv(rows, bm) * triton.cdiv(n_out, bn),)
     warps, stages = num_warps or cfg[3], num_stages or cfg[4]
