@@ -25,7 +25,16 @@ def check_linear_input(x, values, n_out, k_in, allowed_dtypes) -> None:
 
 
 def describe(t) -> str:
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else f"{type(t).__name__}"
+    """Shape of a tensor, or the type of anything else, for error messages."""
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def resolve_out_dtype(x, out_dtype):
+    """The output dtype: x's unless given; must be a floating torch.dtype."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    return out_dtype
 
 
 def check_out(out, shape, dtype, device, *, channels_last_ok: bool = False, contiguous: bool = True) -> None:

@@ -54,7 +54,8 @@ from sparsify.codegen import runtime
 from sparsify.codegen.kernels._checks import check_out
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
-from sparsify.codegen.kernels.bsr_linear import _block_grid, _check_block, _describe, _unpack
+from sparsify.codegen.kernels._checks import describe
+from sparsify.codegen.kernels.bsr_linear import BlockGridStats, _block_grid, _check_block, _unpack
 
 # Part of the cost-cache key: bump when the kernel's code or launch heuristics change.
 KERNEL_VERSION = "bsr_conv2d-1"
@@ -70,7 +71,7 @@ IntPair = Union[int, Sequence[int]]
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class BSRConvWeight:
+class BSRConvWeight(BlockGridStats):
     """A conv weight [o, c, kh, kw] in BSR form over (kh, kw, C); see the module docstring.
 
     eq=False: a generated __eq__ would compare tensors elementwise and raise on `==`.
@@ -98,20 +99,10 @@ class BSRConvWeight:
     def n_block_cols(self) -> int:
         return self.kh * self.kw * self.c_blocks
 
-    @property
-    def nnzb(self) -> int:
-        return self.values.shape[0]
-
-    @property
-    def density(self) -> float:
-        """Fraction of the (padded) block grid that is stored."""
-        total = self.n_block_rows * self.n_block_cols
-        return self.nnzb / total if total else 0.0
-
 
 def _check_weight(weight, groups) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D [O, C, kh, kw] tensor, got {_describe(weight)}")
+        raise ValueError(f"weight must be a 4-D [O, C, kh, kw] tensor, got {describe(weight)}")
     _check_groups(groups)
 
 
@@ -350,13 +341,13 @@ def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilatio
     out_shape = (n, o, hout, wout)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (o,):
-            raise ValueError(f"bias must have shape ({o},), got {_describe(bias)}")
+            raise ValueError(f"bias must have shape ({o},), got {describe(bias)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if residual is not None:
         if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != out_shape:
             raise ValueError(f"residual must have the output's shape {out_shape} (N, O, Hout, Wout), "
-                             f"got {_describe(residual)}")
+                             f"got {describe(residual)}")
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     if activation not in ACTIVATIONS:

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsify.codegen.kernels._checks import check_out
+from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_out, describe,
+                                               resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 from sparsify.codegen import runtime
 
@@ -41,8 +42,22 @@ _INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 # Packing
 # ----------------------------------------------------------------------------------------------
 
+class BlockGridStats:
+    """nnzb and density for any BSR weight that defines n_block_rows / n_block_cols."""
+
+    @property
+    def nnzb(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the (padded) block grid that is stored."""
+        total = self.n_block_rows * self.n_block_cols
+        return self.nnzb / total if total else 0.0
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class BSRWeight:
+class BSRWeight(BlockGridStats):
     """A [n, k] weight in block-sparse-row form; see the module docstring for the layout.
 
     eq=False: a generated __eq__ would compare tensors elementwise and raise on `==`.
@@ -63,21 +78,6 @@ class BSRWeight:
     def n_block_cols(self) -> int:
         return triton.cdiv(self.k, self.block)
 
-    @property
-    def nnzb(self) -> int:
-        return self.values.shape[0]
-
-    @property
-    def density(self) -> float:
-        """Fraction of the (padded) block grid that is stored."""
-        total = self.n_block_rows * self.n_block_cols
-        return self.nnzb / total if total else 0.0
-
-
-def _describe(t) -> str:
-    """Shape of a tensor, or the type of anything else, for error messages."""
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
-
 
 def _check_block(block, name: str = "block") -> int:
     if isinstance(block, bool) or not isinstance(block, int) or block not in _BLOCK_SIZES:
@@ -96,7 +96,7 @@ def _block_grid(t: torch.Tensor, block: int) -> torch.Tensor:
 def pack_bsr(weight: torch.Tensor, block: int) -> BSRWeight:
     """Pack a dense [N, K] weight, dropping every all-zero block (a NaN counts as nonzero)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D [N, K] tensor, got {_describe(weight)}")
+        raise ValueError(f"weight must be a 2-D [N, K] tensor, got {describe(weight)}")
     _check_block(block)
     n, k = weight.shape
     blocks = _block_grid(weight.detach(), block)
@@ -129,7 +129,7 @@ def block_mask_from_scores(scores: torch.Tensor, block: int, density: float) -> 
     |score| is largest. Rows may end up with no block at all; the kernel handles empty block-rows.
     Ties are broken arbitrarily (torch.topk)."""
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
-        raise ValueError(f"scores must be a 2-D [N, K] tensor, got {_describe(scores)}")
+        raise ValueError(f"scores must be a 2-D [N, K] tensor, got {describe(scores)}")
     _check_block(block)
     if not (0.0 <= float(density) <= 1.0):
         raise ValueError(f"density must be in [0, 1], got {density!r}")
@@ -271,23 +271,8 @@ def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, 
     for name, t in (("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    lead = tuple(x.shape[:-1])
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
-            raise ValueError(f"bias must have shape ({n_out},), got {_describe(bias)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
-            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
-                             f"got {_describe(residual)}")
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
-        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    check_linear_epilogue(x, n_out, bias, residual, activation)
+    out_dtype = resolve_out_dtype(x, out_dtype)
     return block, x.shape[-1], out_dtype
 
 

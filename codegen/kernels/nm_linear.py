@@ -46,7 +46,8 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.kernels._checks import check_linear_epilogue, check_linear_input, check_out, is_int
+from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, is_int,
+                                               resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
@@ -442,10 +443,7 @@ def _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, 
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     check_linear_epilogue(x, n_out, bias, residual, activation)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
-        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
-    return out_dtype
+    return resolve_out_dtype(x, out_dtype)
 
 
 def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
