@@ -7,7 +7,8 @@
     TRITON_INTERPRET=1 python benchmarks/bench_linear.py --smoke   # CPU: exercises every code path
 
 y = x @ W^T with x [M, K] and W [N, K] (nn.Linear convention), random weights and inputs, masks from
-sparsify's own criteria (`nm_mask`, `block_mask`) on random scores. Providers:
+sparsify's own criteria (`nm_mask`, `block_mask`, `unstructured_mask` over the whole layer) on random
+scores. Providers:
 
     dense         torch.nn.functional.linear(x, W)                       (cuBLAS)
     torch-2:4     F.linear(x, torch.sparse.to_sparse_semi_structured(W))
@@ -15,6 +16,8 @@ sparsify's own criteria (`nm_mask`, `block_mask`) on random scores. Providers:
     sparsify-nm   nm_linear_triton on pack_nm(W, 2, 4)
     torch-bsr     W.to_sparse_bsr((b, b)) @ x^T  (computes [N, K] @ [K, M], x^T made contiguous untimed)
     sparsify-bsr  bsr_linear_triton on pack_bsr(W, b)
+    torch-csr     W.to_sparse_csr() @ x^T  (cuSPARSE; unstructured masks, x^T made contiguous untimed)
+    sparsify-sell sell_linear_triton on pack_sell(W)  (unstructured masks)
 
 Every non-dense provider's output is checked against float32 F.linear(x, W_masked): relative L2
 error, flagged WRONG above --tol. A provider that raises is recorded as "error: ..." and the run
@@ -54,9 +57,14 @@ SMOKE_M = (1, 16)
 SMOKE_SHAPES = ((128, 128),)
 SMOKE_DENSITIES = (0.5, 0.25)
 SMOKE_BLOCKS = (32, 64)
-PROVIDERS = ("dense", "torch-2:4", "cslt", "sparsify-nm", "torch-bsr", "sparsify-bsr")
+# Unstructured weight densities: the high-sparsity range where a sparse GEMV can beat dense at small M.
+UNSTRUCTURED_DENSITIES = (0.3, 0.1, 0.02)
+SMOKE_UNSTRUCTURED_DENSITIES = (0.1,)
+PROVIDERS = ("dense", "torch-2:4", "cslt", "sparsify-nm", "torch-bsr", "sparsify-bsr", "torch-csr",
+             "sparsify-sell")
 NM_PROVIDERS = ("torch-2:4", "cslt", "sparsify-nm")
 BSR_PROVIDERS = ("torch-bsr", "sparsify-bsr")
+UNSTRUCTURED_PROVIDERS = ("torch-csr", "sparsify-sell")
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -130,6 +138,9 @@ def parse_args(argv=None):
                    help="comma list of KxN (in->out features), e.g. 4096x4096,4096x14336 (also 4096->14336)")
     p.add_argument("--densities", type=_floats, default=None, help=f"block densities (default {DENSITIES})")
     p.add_argument("--blocks", type=_ints, default=None, help=f"BSR block sizes (default {BLOCKS})")
+    p.add_argument("--unstructured-densities", type=_floats, default=None,
+                   help=f"unstructured weight densities for {','.join(UNSTRUCTURED_PROVIDERS)} "
+                        f"(default {UNSTRUCTURED_DENSITIES})")
     p.add_argument("--providers", type=_names, default=PROVIDERS,
                    help=f"comma list from {','.join(PROVIDERS)} (dense is always timed: it is the baseline)")
     p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
@@ -174,6 +185,7 @@ def parse_args(argv=None):
         args.shapes = args.shapes or SMOKE_SHAPES
         args.densities = args.densities or SMOKE_DENSITIES
         args.blocks = args.blocks or SMOKE_BLOCKS
+        args.unstructured_densities = args.unstructured_densities or SMOKE_UNSTRUCTURED_DENSITIES
     elif args.sweep_configs:
         args.M = args.M or (QUICK_M if args.quick else FULL_M)
         args.shapes = args.shapes or ((4096, 4096),)
@@ -182,6 +194,7 @@ def parse_args(argv=None):
         args.shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     args.densities = args.densities or DENSITIES
     args.blocks = args.blocks or BLOCKS
+    args.unstructured_densities = args.unstructured_densities or UNSTRUCTURED_DENSITIES
     return args
 
 
@@ -258,6 +271,9 @@ def pattern_list(args):
         for b in args.blocks:
             for d in args.densities:
                 pats.append((f"bsr-b{b}@{d:g}", "bsr", (b, d), 1.0 - d))
+    if any(p in args.providers for p in UNSTRUCTURED_PROVIDERS):
+        for d in args.unstructured_densities:
+            pats.append((f"unstr@{d:g}", "unstructured", (d,), 1.0 - d))
     return pats
 
 
@@ -277,6 +293,8 @@ def build_pattern(ctx: Ctx, kind: str, params, W: torch.Tensor, scores: torch.Te
     if kind == "nm":
         n, m = params
         Wm = W * ctx.criteria.nm_mask(scores, n, m)
+    elif kind == "unstructured":
+        Wm = W * ctx.criteria.unstructured_mask(scores, 1.0 - params[0], per_row=False)
     else:
         b, d = params
         Wm = W * ctx.criteria.block_mask(scores, b, d)
@@ -315,6 +333,24 @@ def build_pattern(ctx: Ctx, kind: str, params, W: torch.Tensor, scores: torch.Te
         add("torch-2:4", torch_24)
         add("cslt", cslt)
         add("sparsify-nm", sp_nm)
+    elif kind == "unstructured":
+        def torch_csr():
+            Wc = Wm.to_sparse_csr()
+            return ("ok", lambda x, xT: (lambda: Wc @ xT), "[N,K]@[K,M]")
+
+        def sp_sell():
+            from sparsify.codegen.kernels import sell_linear as sell
+
+            pk = sell.pack_sell(Wm)
+
+            def make(x, xT):
+                return lambda: sell.sell_linear_triton(x, pk.values, pk.cols, pk.slice_ptr, pk.perm, N, K,
+                                                       pk.slice_rows)
+            note = f"S{pk.slice_rows}, padding {100 * pk.padding_overhead:.1f}%, W {pk.nbytes / 2**20:.2f} MiB"
+            return ("ok", make, note)
+
+        add("torch-csr", torch_csr)
+        add("sparsify-sell", sp_sell)
     else:
         def torch_bsr():
             Wb = Wm.to_sparse_bsr((b, b))
@@ -343,6 +379,11 @@ def config_note(ctx: Ctx, provider: str, params, M: int, N: int, K: int) -> str:
             variant = getattr(ctx.nm, "_permute_x_for", None)
             variant = "" if variant is None else (" permute-x" if variant(bn, bk) else " interleave")
             return f"{bm}x{bn}x{bk} w{w} s{s}{variant}"
+        if provider == "sparsify-sell":
+            from sparsify.codegen.kernels import sell_linear as sell
+
+            bm, bk, w = sell._config_for(M, sell.DEFAULT_SLICE_ROWS)
+            return f"BM{bm} BK{bk} w{w}"
     except Exception:  # noqa: BLE001 - a note only
         pass
     return ""
@@ -357,7 +398,7 @@ def run_compare(args, ctx: Ctx, timer, on_progress):
     el = torch.empty((), dtype=dtype).element_size()
     rows = []
     pats = pattern_list(args)
-    need_xT = "torch-bsr" in args.providers
+    need_xT = "torch-bsr" in args.providers or "torch-csr" in args.providers
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
 
     def randn(*shape, scale=1.0):
@@ -401,8 +442,10 @@ def run_compare(args, ctx: Ctx, timer, on_progress):
             try:
                 Wm, provs = build_pattern(ctx, kind, params, W, scores)
             except Exception as e:  # noqa: BLE001 - the mask itself failed: every provider errors
+                kind_providers = {"nm": NM_PROVIDERS, "unstructured": UNSTRUCTURED_PROVIDERS}.get(kind,
+                                                                                                  BSR_PROVIDERS)
                 Wm, provs = None, {p: ("error", "mask " + _short(e)) for p in args.providers if p != "dense"
-                                   and p in (NM_PROVIDERS if kind == "nm" else BSR_PROVIDERS)}
+                                   and p in kind_providers}
             Wm32 = Wm.float() if Wm is not None else None
             for M in Ms:
                 x, xT = xs[M], xTs[M]
@@ -420,7 +463,7 @@ def run_compare(args, ctx: Ctx, timer, on_progress):
                             fn = make(x, xT)
                             y = fn()
                             _sync(dev)
-                            if prov == "torch-bsr":
+                            if prov in ("torch-bsr", "torch-csr"):
                                 y = y.t()
                             if tuple(y.shape) != (M, N):
                                 raise RuntimeError(f"output shape {tuple(y.shape)} != {(M, N)}")
@@ -692,6 +735,8 @@ def plot_speedup(rows, path: Path, title_note: str) -> str:
     for r in sel:
         if r["pattern"].startswith("bsr-b"):
             key = f"{r['provider']} b{r['pattern'][5:].split('@')[0]}"
+        elif r["pattern"].startswith("unstr@"):
+            key = f"{r['provider']} (unstructured)"
         else:
             key = f"{r['provider']} ({r['pattern']})"
         series.setdefault(key, []).append((r["sparsity"], r["ratio"], r["status"] == "WRONG"))

@@ -4,6 +4,10 @@ Each `WeightKernel` knows which patterns and devices it serves, how to pack a ma
 into its buffers, and the argument list of its torch custom op. The cost model times `call`, the
 rewrite pass emits `op_args` with graph nodes in place of tensors: both go through the same list, so
 what is timed is what runs.
+
+Every sparse op's schema ends with `(..., activation: str, out_dtype: ScalarType?)`: `arg_order` lists
+the arguments up to the activation and `op_args` appends the output dtype, which the epilogue fusion
+pass sets when a dtype cast follows the op.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ class WeightKernel:
     devices: tuple                      # "cpu", "cuda"
     op_name: str                        # torch.ops.sparsify.<op_name>
     pack: Callable[..., Packed]          # (masked weight, pattern, layer params) -> Packed
-    arg_order: Callable[[Any, dict, dict, Any, Any, str, int, int], tuple]
+    arg_order: Callable[[Any, dict, dict, Any, Any, str, int, int], tuple]   # up to `activation`
     supports: Callable[[Pattern, torch.dtype, tuple], str | None] = lambda p, dt, wshape: None
     triton: bool = False                # a Triton kernel: also usable on CPU when kernels are forced
     layer_op: str = "linear"            # the layer kind it replaces: "linear" (also addmm/mm) or "conv2d"
@@ -57,12 +61,14 @@ class WeightKernel:
         return self.supports(pattern, dtype, weight_shape)
 
     def op_args(self, x, packed_or_nodes: dict, static: dict, bias, residual, activation: str,
-                n_out: int, k_in: int) -> tuple:
-        return self.arg_order(x, packed_or_nodes, static, bias, residual, activation, n_out, k_in)
+                n_out: int, k_in: int, out_dtype: torch.dtype | None = None) -> tuple:
+        return self.arg_order(x, packed_or_nodes, static, bias, residual, activation, n_out, k_in) + (out_dtype,)
 
-    def call(self, x, packed: Packed, bias=None, residual=None, activation="none") -> torch.Tensor:
+    def call(self, x, packed: Packed, bias=None, residual=None, activation="none",
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
         n_out, k_in = packed.static["n_out"], packed.static["k_in"]
-        return self.op(*self.op_args(x, packed.buffers, packed.static, bias, residual, activation, n_out, k_in))
+        return self.op(*self.op_args(x, packed.buffers, packed.static, bias, residual, activation, n_out, k_in,
+                                     out_dtype))
 
 
 # ---- packers ---------------------------------------------------------------------------------
@@ -89,6 +95,14 @@ def _pack_csr(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
     return Packed({"crow": crow, "col": col, "values": values}, {"n_out": w.shape[0], "k_in": w.shape[1]})
 
 
+def _pack_sell(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
+    from .kernels.sell_linear import pack_sell
+
+    b = pack_sell(w)
+    return Packed({"values": b.values, "cols": b.cols, "slice_ptr": b.slice_ptr, "perm": b.perm},
+                  {"n_out": b.n_out, "k_in": b.k_in, "slice_rows": b.slice_rows})
+
+
 def _pack_cslt(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
     from .kernels.nm_linear import pack_cslt
 
@@ -105,6 +119,16 @@ def _pack_bsr_conv(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Pa
     b = pack_bsr_conv(w, p.block)
     return Packed({"values": b.values, "row_ptr": b.row_ptr, "col_idx": b.col_idx},
                   {"n_out": b.o, "k_in": b.c, "kh": b.kh, "kw": b.kw, "block": p.block,
+                   "stride": list(layer["stride"]), "padding": list(layer["padding"]),
+                   "dilation": list(layer["dilation"])})
+
+
+def _pack_nm_conv(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
+    from .kernels.nm_conv2d import pack_nm_conv
+
+    b = pack_nm_conv(w, p.n, p.m)
+    return Packed({"values": b.values, "meta": b.meta},
+                  {"n_out": b.o, "k_in": b.c, "kh": b.kh, "kw": b.kw, "n": p.n, "m": p.m,
                    "stride": list(layer["stride"]), "padding": list(layer["padding"]),
                    "dilation": list(layer["dilation"])})
 
@@ -148,8 +172,18 @@ register_kernel(WeightKernel(
     "csr_torch", "csr_linear", (Unstructured, NM, Block), ("cpu", "cuda"), "csr_linear", _pack_csr,
     lambda x, b, s, bias, res, act, n, k: (x, b["crow"], b["col"], b["values"], n, k, bias, res, act)))
 register_kernel(WeightKernel(
+    "sell_triton", "sell_linear", (Unstructured,), ("cuda",), "sell_linear", _pack_sell,
+    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["cols"], b["slice_ptr"], b["perm"], n, k,
+                                           s["slice_rows"], bias, res, act),
+    triton=True))
+register_kernel(WeightKernel(
     "bsr_conv_triton", "bsr_conv2d", (Block,), ("cuda",), "bsr_conv2d", _pack_bsr_conv,
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, s["kh"], s["kw"],
+                                           s["stride"], s["padding"], s["dilation"], bias, res, act),
+    triton=True, layer_op="conv2d"))
+register_kernel(WeightKernel(
+    "nm_conv_triton", "nm_conv2d", (NM,), ("cuda",), "nm_conv2d", _pack_nm_conv,
+    lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["meta"], n, k, s["kh"], s["kw"], s["n"], s["m"],
                                            s["stride"], s["padding"], s["dilation"], bias, res, act),
     triton=True, layer_op="conv2d"))
 
@@ -174,7 +208,7 @@ def load_ops() -> None:
     """Import the kernel modules so their torch.ops.sparsify.* custom ops are registered."""
     import importlib
 
-    for mod in ("bsr_linear", "nm_linear", "csr_linear", "bsr_conv2d"):
+    for mod in ("bsr_linear", "nm_linear", "csr_linear", "bsr_conv2d", "nm_conv2d", "sell_linear"):
         try:
             importlib.import_module(f"{__package__}.kernels.{mod}")
         except ImportError as e:

@@ -109,6 +109,38 @@ def tensor_meta(node: Any):
     return None, None
 
 
+def op_arg(node: fx.Node, name: str) -> tuple[int | None, Any]:
+    """(position, value) of the schema argument `name` of an op node, or (None, None) if the op has none.
+
+    Positional or keyword, missing trailing arguments read as None: custom ops are emitted with
+    positional arguments, which makes `node.args[i]` depend on the schema's order; this does not."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None, None
+    for i, a in enumerate(schema.arguments):
+        if a.name == name:
+            if i < len(node.args):
+                return i, node.args[i]
+            return i, node.kwargs.get(name)
+    return None, None
+
+
+def set_op_arg(node: fx.Node, name: str, value: Any) -> None:
+    """Set schema argument `name` of an op node positionally (skipped arguments take their defaults)."""
+    i, _ = op_arg(node, name)
+    if i is None:
+        raise KeyError(f"{node.target} has no argument {name!r}")
+    schema_args = node.target._schema.arguments
+    args = list(node.args)
+    while len(args) <= i:
+        a = schema_args[len(args)]
+        args.append(node.kwargs.get(a.name, a.default_value if a.has_default_value() else None))
+    args[i] = value
+    positional = {a.name for a in schema_args[:len(args)]}
+    node.args = tuple(args)
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in positional}
+
+
 def layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if LAYER in n.meta]
 

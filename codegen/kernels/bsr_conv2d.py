@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.kernels._checks import check_out
+from sparsify.codegen.kernels._checks import check_out, resolve_out_dtype
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
 from sparsify.codegen.kernels._checks import describe
@@ -379,7 +379,8 @@ def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
                       o: int, kh: int, kw: int, stride: IntPair = 1, padding: IntPair = 0,
                       dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
                       residual: Optional[torch.Tensor] = None, activation: str = "none",
-                      out: Optional[torch.Tensor] = None, *, groups: int = 1,
+                      out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
+                      groups: int = 1,
                       block_p: Optional[int] = None, num_warps: Optional[int] = None,
                       num_stages: Optional[int] = None, input_precision: str = "tf32",
                       check_indices: Optional[bool] = None) -> torch.Tensor:
@@ -388,7 +389,7 @@ def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
 
     stride / padding / dilation: an int or an (h, w) pair, as F.conv2d (numeric padding only).
     The result has x's memory format (see `_out_memory_format`). `out`, if given, is written and
-    returned: shape (N, o, Hout, Wout), x's dtype, contiguous or channels-last (the kernel stores
+    returned: shape (N, o, Hout, Wout), out_dtype (default x's dtype), contiguous or channels-last (the kernel stores
     through its strides). block_p / num_warps / num_stages override `_config_for`; input_precision
     applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products).
     """
@@ -398,9 +399,10 @@ def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     if input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, kh, kw, check_indices)
-    check_out(out, out_shape, x.dtype, x.device, channels_last_ok=True)
+    out_dtype = resolve_out_dtype(x, out_dtype)
+    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
     if out is None:
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device, memory_format=_out_memory_format(x))
+        out = torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=_out_memory_format(x))
     n, c, h, w = x.shape
     _, _, hout, wout = out_shape
     p = n * hout * wout
@@ -440,7 +442,8 @@ def bsr_conv2d_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
                          col_idx: torch.Tensor, o: int, kh: int, kw: int, stride: IntPair = 1,
                          padding: IntPair = 0, dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
                          residual: Optional[torch.Tensor] = None, activation: str = "none",
-                         out: Optional[torch.Tensor] = None, *, groups: int = 1,
+                         out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
+                         groups: int = 1,
                          block_p: Optional[int] = None, num_warps: Optional[int] = None,
                          num_stages: Optional[int] = None, input_precision: str = "tf32",
                          check_indices: Optional[bool] = None) -> torch.Tensor:
@@ -453,13 +456,14 @@ def bsr_conv2d_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
         x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual, activation,
         groups, kernel_dtypes=False)
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, kh, kw, check_indices)
-    check_out(out, out_shape, x.dtype, x.device, channels_last_ok=True)
+    out_dtype = resolve_out_dtype(x, out_dtype)
+    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = _unpack_conv(values, row_ptr, col_idx, o, x.shape[1], kh, kw).to(acc_dtype)
     acc = F.conv2d(x.to(acc_dtype), weight, None, stride2, padding2, dilation2)
     epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
     res_nhwc = None if residual is None else residual.permute(0, 2, 3, 1)
-    y = apply_reference(acc.permute(0, 2, 3, 1), epi, bias=bias, residual=res_nhwc, out_dtype=x.dtype)
+    y = apply_reference(acc.permute(0, 2, 3, 1), epi, bias=bias, residual=res_nhwc, out_dtype=out_dtype)
     y = y.permute(0, 3, 1, 2)
     if out is None:
         return y.contiguous(memory_format=_out_memory_format(x))
@@ -474,27 +478,27 @@ def bsr_conv2d_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
 def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                    o: int, kh: int, kw: int, stride: list[int], padding: list[int], dilation: list[int],
                    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                   activation: str = "none") -> torch.Tensor:
+                   activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     impl = bsr_conv2d_triton if runtime.use_triton(x.device) else bsr_conv2d_reference
     return impl(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual,
-                activation)
+                activation, out_dtype)
 
 
 @_bsr_conv2d_op.register_fake
 def _(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias=None, residual=None,
-      activation="none"):
+      activation="none", out_dtype=None):
     (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
                                     _pair(dilation, "dilation", 1))
     hout = _out_size(x.shape[2], kh, sh, ph, dh)
     wout = _out_size(x.shape[3], kw, sw, pw, dw)
-    return torch.empty((x.shape[0], o, hout, wout), dtype=x.dtype, device=x.device,
+    return torch.empty((x.shape[0], o, hout, wout), dtype=out_dtype or x.dtype, device=x.device,
                        memory_format=_out_memory_format(x))
 
 
 def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] = None,
                stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
                residual: Optional[torch.Tensor] = None, activation: str = "none",
-               groups: int = 1) -> torch.Tensor:
+               groups: int = 1, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(conv2d(x, W)) for a packed weight, through the `sparsify::bsr_conv2d` op."""
     _check_groups(groups)
     if x.dim() != 4 or x.shape[1] != w.c:
@@ -504,4 +508,4 @@ def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] =
                                     _pair(dilation, "dilation", 1))
     return torch.ops.sparsify.bsr_conv2d(x, w.values, w.row_ptr, w.col_idx, w.o, w.kh, w.kw,
                                          list(stride2), list(padding2), list(dilation2),
-                                         bias, residual, activation)
+                                         bias, residual, activation, out_dtype)

@@ -383,20 +383,22 @@ def bsr_linear_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
 @torch.library.custom_op("sparsify::bsr_linear", mutates_args=())
 def _bsr_linear_op(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                    n_out: int, bias: Optional[torch.Tensor] = None,
-                   residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+                   residual: Optional[torch.Tensor] = None, activation: str = "none",
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     impl = bsr_linear_triton if runtime.use_triton(x.device) else bsr_linear_reference
-    return impl(x, values, row_ptr, col_idx, n_out, bias, residual, activation)
+    return impl(x, values, row_ptr, col_idx, n_out, bias, residual, activation, out_dtype)
 
 
 @_bsr_linear_op.register_fake
-def _(x, values, row_ptr, col_idx, n_out, bias=None, residual=None, activation="none"):
-    return x.new_empty(x.shape[:-1] + (n_out,))
+def _(x, values, row_ptr, col_idx, n_out, bias=None, residual=None, activation="none", out_dtype=None):
+    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
 
 
 def bsr_linear(x: torch.Tensor, bsr: BSRWeight, bias: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, activation: str = "none",
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(x @ W^T) for a packed weight, through the `sparsify::bsr_linear` op."""
     if x.shape[-1] != bsr.k:
         raise ValueError(f"x.shape[-1]={x.shape[-1]} does not match the weight's in_features k={bsr.k}")
     return torch.ops.sparsify.bsr_linear(x, bsr.values, bsr.row_ptr, bsr.col_idx, bsr.n,
-                                         bias, residual, activation)
+                                         bias, residual, activation, out_dtype)

@@ -28,7 +28,8 @@ from typing import Optional
 
 import torch
 
-from sparsify.codegen.kernels._checks import check_linear_epilogue, check_linear_input, check_out
+from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out,
+                                               resolve_out_dtype)
 from sparsify.codegen.epilogue import Epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the computation or its checks change.
@@ -73,7 +74,9 @@ def unpack_csr(w: torch.Tensor) -> torch.Tensor:
     return w.to_dense()
 
 
-def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes: bool) -> None:
+def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
+                kernel_dtypes: bool) -> torch.dtype:
+    """Shared argument checks of the wrapper and the reference; returns the output dtype."""
     for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -90,6 +93,7 @@ def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, k
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     check_linear_epilogue(x, n_out, bias, residual, activation)
+    return resolve_out_dtype(x, out_dtype)
 
 
 # Index tensors already validated, so the per-call check is O(1) for the buffers a model passes
@@ -124,28 +128,29 @@ def _check_indices(crow, col, k_in: int, check: Optional[bool]) -> None:
     _VALIDATED[key] = (weakref.ref(crow), weakref.ref(col), (crow._version, col._version))
 
 
-def _epilogue(acc, x, bias, residual, activation, rows, n_out):
+def _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype):
     epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
     res2 = residual.reshape(rows, n_out) if residual is not None else None
-    return apply_reference(acc, epi, bias=bias, residual=res2, out_dtype=x.dtype)
+    return apply_reference(acc, epi, bias=bias, residual=res2, out_dtype=out_dtype)
 
 
 def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                      n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
                      residual: Optional[torch.Tensor] = None, activation: str = "none",
-                     out: Optional[torch.Tensor] = None, *,
+                     out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
                      check_indices: Optional[bool] = None) -> torch.Tensor:
     """y[..., n_out] = epilogue(x[..., k_in] @ W^T) with W = CSR(crow, col, values) [n_out, k_in].
 
-    `out`, if given, is written and returned (x.shape[:-1] + (n_out,), x.dtype).
+    `out`, if given, is written and returned (x.shape[:-1] + (n_out,), out_dtype, default x's dtype).
     """
-    _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes=True)
+    out_dtype = _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
+                            kernel_dtypes=True)
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), x.dtype, x.device)
+    check_out(out, lead + (n_out,), out_dtype, x.device)
     rows = math.prod(lead)
     if rows == 0 or n_out == 0:
-        return out if out is not None else x.new_empty(lead + (n_out,))
+        return out if out is not None else x.new_empty(lead + (n_out,), dtype=out_dtype)
     # See the module docstring: MKL has no half-precision CSR kernels.
     compute = x.dtype if (x.is_cuda or x.dtype == torch.float32) else torch.float32
     with warnings.catch_warnings():
@@ -156,7 +161,7 @@ def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
     acc = torch.mm(w, x2.t()).t()                                     # [rows, n_out]
     if acc.dtype != torch.float32 and (bias is not None or residual is not None or activation != "none"):
         acc = acc.float()
-    y = _epilogue(acc, x, bias, residual, activation, rows, n_out).reshape(lead + (n_out,))
+    y = _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype).reshape(lead + (n_out,))
     if out is not None:
         return out.copy_(y)
     return y.contiguous()
@@ -165,21 +170,22 @@ def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
 def csr_linear_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                          n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
                          residual: Optional[torch.Tensor] = None, activation: str = "none",
-                         out: Optional[torch.Tensor] = None, *,
+                         out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
                          check_indices: Optional[bool] = None) -> torch.Tensor:
     """Dense torch version of `csr_linear_torch` (same signature): densify W, multiply in float32
     (float64 for float64 inputs, which the tests use as ground truth), apply the shared epilogue."""
-    _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, kernel_dtypes=False)
+    out_dtype = _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
+                            kernel_dtypes=False)
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), x.dtype, x.device)
+    check_out(out, lead + (n_out,), out_dtype, x.device)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     counts = (crow[1:] - crow[:-1]).long()
     row_of = torch.repeat_interleave(torch.arange(n_out, device=x.device), counts)
     w = torch.zeros(n_out, k_in, dtype=acc_dtype, device=x.device)
     w.index_put_((row_of, col.long()), values.to(acc_dtype), accumulate=True)
     acc = x.reshape(-1, k_in).to(acc_dtype) @ w.t()
-    y = _epilogue(acc, x, bias, residual, activation, acc.shape[0], n_out).reshape(lead + (n_out,))
+    y = _epilogue(acc, bias, residual, activation, acc.shape[0], n_out, out_dtype).reshape(lead + (n_out,))
     return y if out is None else out.copy_(y)
 
 
@@ -190,22 +196,24 @@ def csr_linear_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
 @torch.library.custom_op("sparsify::csr_linear", mutates_args=())
 def _csr_linear_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
                    n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
-                   residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+                   residual: Optional[torch.Tensor] = None, activation: str = "none",
+                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     # No Triton kernel for this family: every device runs torch's CSR matmul.
-    return csr_linear_torch(x, crow, col, values, n_out, k_in, bias, residual, activation)
+    return csr_linear_torch(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype)
 
 
 @_csr_linear_op.register_fake
-def _(x, crow, col, values, n_out, k_in, bias=None, residual=None, activation="none"):
-    return x.new_empty(x.shape[:-1] + (n_out,))
+def _(x, crow, col, values, n_out, k_in, bias=None, residual=None, activation="none", out_dtype=None):
+    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
 
 
 def csr_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-               residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+               residual: Optional[torch.Tensor] = None, activation: str = "none",
+               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(x @ W^T) for a CSR weight from `pack_csr`, through the `sparsify::csr_linear` op."""
     if not isinstance(w, torch.Tensor) or w.layout != torch.sparse_csr:
         raise ValueError(f"w must be a torch.sparse_csr tensor (pack_csr), got "
                          f"{getattr(w, 'layout', type(w).__name__)}")
     n_out, k_in = w.shape
     return torch.ops.sparsify.csr_linear(x, w.crow_indices(), w.col_indices(), w.values(), n_out, k_in,
-                                         bias, residual, activation)
+                                         bias, residual, activation, out_dtype)

@@ -570,21 +570,23 @@ def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
 @torch.library.custom_op("sparsify::nm_linear", mutates_args=())
 def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
                   n: int, m: int, bias: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+                  residual: Optional[torch.Tensor] = None, activation: str = "none",
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     impl = nm_linear_triton if runtime.use_triton(x.device) else nm_linear_reference
-    return impl(x, values, meta, n_out, k_in, n, m, bias, residual, activation)
+    return impl(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype=out_dtype)
 
 
 @_nm_linear_op.register_fake
-def _(x, values, meta, n_out, k_in, n, m, bias=None, residual=None, activation="none"):
-    return x.new_empty(x.shape[:-1] + (n_out,))
+def _(x, values, meta, n_out, k_in, n, m, bias=None, residual=None, activation="none", out_dtype=None):
+    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
 
 
 def nm_linear(x: torch.Tensor, w: NMWeight, bias: Optional[torch.Tensor] = None,
-              residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+              residual: Optional[torch.Tensor] = None, activation: str = "none",
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(x @ W^T) for a packed weight, through the `sparsify::nm_linear` op."""
     return torch.ops.sparsify.nm_linear(x, w.values, w.meta, w.n_out, w.k, w.n, w.m,
-                                        bias, residual, activation)
+                                        bias, residual, activation, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +634,7 @@ def pack_cslt(weight: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("sparsify::cslt_linear", mutates_args=())
 def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
                     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                    activation: str = "none") -> torch.Tensor:
+                    activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     if x.device.type != "cuda" or compressed.device != x.device:
         raise RuntimeError(f"sparsify::cslt_linear: cuSPARSELt needs CUDA tensors; x is on {x.device}, "
                            f"compressed on {compressed.device}")
@@ -641,10 +643,11 @@ def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
     if compressed.dtype != x.dtype:
         raise TypeError(f"compressed dtype {compressed.dtype} does not match x dtype {x.dtype}")
     check_linear_epilogue(x, n_out, bias, residual, activation)
+    out_dtype = resolve_out_dtype(x, out_dtype)
     lead = tuple(x.shape[:-1])
     rows, k = math.prod(lead), x.shape[-1]
     if rows == 0:
-        return x.new_empty(lead + (n_out,))
+        return x.new_empty(lead + (n_out,), dtype=out_dtype)
     x2 = x.reshape(rows, k)
     pad = (-rows) % _CSLT_DENSE_MULTIPLE
     if pad:
@@ -660,16 +663,17 @@ def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
     if bias is not None or residual is not None or activation != "none":
         epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
         res2 = residual.reshape(rows, n_out) if residual is not None else None
-        y = apply_reference(y.float(), epi, bias=bias, residual=res2, out_dtype=x.dtype)
-    return y.contiguous().reshape(lead + (n_out,))
+        y = apply_reference(y.float(), epi, bias=bias, residual=res2, out_dtype=out_dtype)
+    return y.to(out_dtype).contiguous().reshape(lead + (n_out,))
 
 
 @_cslt_linear_op.register_fake
-def _(x, compressed, n_out, bias=None, residual=None, activation="none"):
-    return x.new_empty(x.shape[:-1] + (n_out,))
+def _(x, compressed, n_out, bias=None, residual=None, activation="none", out_dtype=None):
+    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
 
 
 def cslt_linear(x: torch.Tensor, compressed: torch.Tensor, n_out: int, bias: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None, activation: str = "none") -> torch.Tensor:
+                residual: Optional[torch.Tensor] = None, activation: str = "none",
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(x @ W^T) with W from `pack_cslt`, through the `sparsify::cslt_linear` op."""
-    return torch.ops.sparsify.cslt_linear(x, compressed, n_out, bias, residual, activation)
+    return torch.ops.sparsify.cslt_linear(x, compressed, n_out, bias, residual, activation, out_dtype)

@@ -58,7 +58,8 @@ class LinearView:
 
 class ConvView(LinearView):
     """Conv2d: masks are taken over the implicit-GEMM matrix [O, kh*kw*Cp] (columns (kh, kw, C)),
-    the layout the block-sparse conv kernel reads, so a kept block is a kept kernel block."""
+    the layout the sparse conv kernels read, so a kept block is a kept kernel block and an N:M group
+    is m consecutive input channels of one (kh, kw) tap."""
 
     layer_op = "conv2d"
 
@@ -71,8 +72,8 @@ class ConvView(LinearView):
             return f"grouped conv (groups={self.conv['groups']}): no weight-sparse kernel; channel pruning covers it"
         if isinstance(self.conv["padding"], str):
             return f"padding={self.conv['padding']!r} is not supported by the sparse conv kernel"
-        if not isinstance(pattern, Block):
-            return f"{type(pattern).__name__} on conv: only Block has a conv kernel"
+        if not isinstance(pattern, (Block, NM)):
+            return f"{type(pattern).__name__} on conv: only Block and NM have conv kernels"
         return None
 
     def scores(self, criterion, channel_norm, seed):
@@ -84,6 +85,10 @@ class ConvView(LinearView):
     def sparse_weight(self, pattern, s):
         from sparsify.codegen.kernels.bsr_conv2d import conv_weight_matrix
 
+        if isinstance(pattern, NM):
+            from sparsify.codegen.kernels.nm_conv2d import nm_conv_mask
+
+            return self.w * nm_conv_mask(s, pattern.n, pattern.m)
         o, c, kh, kw = self.w.shape
         mask = criteria.mask_for(pattern, conv_weight_matrix(s, pattern.block))
         cp = mask.shape[1] // (kh * kw)
@@ -271,8 +276,10 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
     if best is None:
         tried = [c for c in lp.candidates if c.time_ms is not None]
         if not tried:
-            lp.reason = "no kernel could run a candidate here: " + "; ".join(
-                f"{c.kernel}: {c.note}" for c in lp.candidates) if lp.candidates else "no candidates"
+            # One line per distinct reason: several candidates of one kernel fail for the same cause.
+            notes = dict.fromkeys(c.note if c.kernel == "-" or c.note.startswith(c.kernel) else f"{c.kernel}: {c.note}"
+                                  for c in lp.candidates)
+            lp.reason = ("no kernel could run a candidate here: " + "; ".join(notes)) if lp.candidates else "no candidates"
         else:
             fastest = min(tried, key=lambda c: c.time_ms)
             over = [c for c in tried if isinstance(requested, Auto) and

@@ -1,9 +1,15 @@
 """fuse_epilogues: fold the elementwise ops that follow a sparse matmul into its kernel's epilogue.
 
 Graph-level code generation: for each sparse op, an immediately following activation (relu, gelu,
-gelu-tanh, silu) and then a residual add of a same-shaped tensor are absorbed into the op's
-`activation` / `residual` arguments, so the kernel is specialised (Triton constexprs) for exactly
-that fused subgraph and the intermediate tensors never reach memory.
+gelu-tanh, silu), then a residual add of a same-shaped tensor, then a floating dtype cast are absorbed
+into the op's `activation` / `residual` / `out_dtype` arguments, so the kernel is specialised (Triton
+constexprs, the output buffer's dtype) for exactly that fused subgraph and the intermediate tensors
+never reach memory. The order is the epilogue's (codegen/epilogue.py): bias -> activation -> residual
+-> cast; an op in another order (a cast before the residual add) ends the chain.
+
+Numerics: the kernel keeps the accumulator in float32 through the whole epilogue and rounds once, at
+the store. The eager graph rounds the matmul result to the model dtype before each following op, so a
+fused fp16/bf16 layer is at least as accurate as the unfused one, not bit-identical to it.
 """
 from __future__ import annotations
 
@@ -15,37 +21,26 @@ from sparsify.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
 
-
-def _arg_index(node: fx.Node, name: str) -> int | None:
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return None
-    for i, a in enumerate(schema.arguments):
-        if a.name == name:
-            return i
-    return None
+# torch.export checks the dtype of a tensor before a `.to` with these nodes; they describe the graph as
+# captured, so they go stale once a cast is fused into the op that produced the tensor.
+_METADATA_ASSERTS = (aten._assert_tensor_metadata.default,)
 
 
-def _get(node, name):
-    i = _arg_index(node, name)
-    if i is None:
-        return None, None
-    if i < len(node.args):
-        return i, node.args[i]
-    return i, node.kwargs.get(name)
+# What every sparse kernel can store (float64 is the references' ground-truth dtype, not a kernel one).
+_KERNEL_OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _set(node, i, name, value):
-    args = list(node.args)
-    while len(args) <= i:
-        args.append(None)
-    args[i] = value
-    node.args = tuple(args)
+def _users(node: fx.Node) -> list[fx.Node]:
+    """Users that consume the value (metadata assertions do not)."""
+    return [u for u in node.users if u.target not in _METADATA_ASSERTS]
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = _users(node)
+    return users[0] if len(users) == 1 and users[0].op == "call_function" else None
 
 
 def _activation_of(user: fx.Node) -> str | None:
-    if user.op != "call_function":
-        return None
     if user.target == aten.relu.default:
         return "relu"
     if user.target == aten.silu.default:
@@ -56,10 +51,85 @@ def _activation_of(user: fx.Node) -> str | None:
     return None
 
 
+def _cast_dtype(user: fx.Node) -> torch.dtype | None:
+    """The floating dtype `user` casts its input to, if it is nothing but a dtype cast on the same device."""
+    kw = dict(user.kwargs)
+    if user.target == aten.to.dtype:
+        dtype = user.args[1] if len(user.args) > 1 else kw.pop("dtype", None)
+        extra = {k: v for k, v in kw.items() if k != "dtype"}
+        if len(user.args) > 2:
+            return None                      # non_blocking / copy / memory_format given positionally
+    elif user.target == aten._to_copy.default:
+        dtype = kw.pop("dtype", None)
+        extra = kw
+    else:
+        return None
+    if any(v not in (None, False, torch.preserve_format) for k, v in extra.items()
+           if k not in ("non_blocking", "copy")):
+        return None                          # a device, layout or memory-format change is not an epilogue
+    if dtype not in _KERNEL_OUT_DTYPES:
+        return None
+    return dtype
+
+
+def _absorb(gm: fx.GraphModule, node: fx.Node, user: fx.Node) -> None:
+    """`user` becomes part of `node`: node takes its value, uses and metadata."""
+    node.meta["val"] = user.meta.get("val", node.meta.get("val"))
+    if "tensor_meta" in user.meta:
+        node.meta["tensor_meta"] = user.meta["tensor_meta"]
+    user.replace_all_uses_with(node)
+    gm.graph.erase_node(user)
+
+
+def _fuse_activation(gm, node) -> str | None:
+    _, act = ir.op_arg(node, "activation")
+    user = _only_user(node)
+    if act != "none" or user is None or _activation_of(user) is None:
+        return None
+    name = _activation_of(user)
+    ir.set_op_arg(node, "activation", name)
+    _absorb(gm, node, user)
+    return name
+
+
+def _fuse_residual(gm, node) -> str | None:
+    _, res = ir.op_arg(node, "residual")
+    user = _only_user(node)
+    if res is not None or user is None or user.target != aten.add.Tensor or len(user.args) != 2:
+        return None
+    if user.kwargs.get("alpha", 1) != 1:
+        return None
+    other = user.args[1] if user.args[0] is node else user.args[0]
+    if not isinstance(other, fx.Node) or other is node or not _same_shape(other, node):
+        return None
+    ir.set_op_arg(node, "residual", other)
+    _absorb(gm, node, user)
+    return "residual"
+
+
+def _fuse_cast(gm, node) -> str | None:
+    _, out_dtype = ir.op_arg(node, "out_dtype")
+    user = _only_user(node)
+    if out_dtype is not None or user is None:
+        return None
+    dtype = _cast_dtype(user)
+    if dtype is None:
+        return None
+    for stale in [u for u in node.users if u.target in _METADATA_ASSERTS]:
+        gm.graph.erase_node(stale)
+    ir.set_op_arg(node, "out_dtype", dtype)
+    _absorb(gm, node, user)
+    return f"cast to {str(dtype).removeprefix('torch.')}"
+
+
 def _same_shape(a, b) -> bool:
     sa, da = ir.tensor_meta(a)
     sb, db = ir.tensor_meta(b)
     return sa is not None and sa == sb and da == db
+
+
+# Tried in this order, each at most once per op: the order of the kernels' epilogue.
+_STEPS = (_fuse_activation, _fuse_residual, _fuse_cast)
 
 
 @register_pass("fuse_epilogues", kind="rewrite", default=True)
@@ -69,33 +139,11 @@ def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         prov = node.meta.get(ir.FROM)
         if prov is None or prov.pass_name != "sparsify_weights":
             continue
-        ai, act = _get(node, "activation")
-        ri, res = _get(node, "residual")
-        if ai is None or ri is None:
+        if ir.op_arg(node, "activation")[0] is None or ir.op_arg(node, "out_dtype")[0] is None:
             continue
-        steps = []
-        users = list(node.users)
-        if act == "none" and len(users) == 1 and _activation_of(users[0]) is not None:
-            user = users[0]
-            _set(node, ai, "activation", _activation_of(user))
-            node.meta["val"] = user.meta.get("val", node.meta.get("val"))
-            user.replace_all_uses_with(node)
-            gm.graph.erase_node(user)
-            steps.append(_get(node, "activation")[1])
-            fused += 1
-        users = list(node.users)
-        if res is None and len(users) == 1:
-            user = users[0]
-            if (user.op == "call_function" and user.target == aten.add.Tensor and len(user.args) == 2
-                    and user.kwargs.get("alpha", 1) == 1):
-                other = user.args[1] if user.args[0] is node else user.args[0]
-                if isinstance(other, fx.Node) and other is not node and _same_shape(other, node):
-                    _set(node, ri, "residual", other)
-                    user.replace_all_uses_with(node)
-                    gm.graph.erase_node(user)
-                    steps.append("residual")
-                    fused += 1
+        steps = [s for s in (step(gm, node) for step in _STEPS) if s]
         if steps:
+            fused += len(steps)
             node.meta[ir.FROM] = ir.Provenance(prov.pass_name, prov.rule, prov.source, prov.fqn,
                                                prov.detail + f"; fused epilogue: {'+'.join(steps)}")
     if fused:
