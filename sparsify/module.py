@@ -14,7 +14,7 @@ from . import ir
 from .capture import Capture, CapturedPart, capture, _record_child_inputs
 from .config import Config
 from .metrics import output_error
-from .pipeline import PassContext, Pipeline, Timing
+from .pipeline import PassContext, Pipeline, Timing, get_pass, registered_passes
 from .plan import ROLLED_BACK, Plan
 
 
@@ -51,6 +51,14 @@ def normalize_batches(example_inputs, calibration_data) -> list[tuple[tuple, dic
             raise ValueError("calibration_data is empty")
         return batches
     return [one(example_inputs)] if example_inputs is not None else []
+
+
+def _changes_function(prov) -> bool:
+    """A node made by a pass that changes what the model computes (not a canonicalization)."""
+    if prov is None:
+        return False
+    registered = registered_passes().get(prov.pass_name)
+    return registered is None or registered.kind != "canonicalize"
 
 
 class SparseModule(nn.Module):
@@ -225,9 +233,10 @@ class SparseModule(nn.Module):
     def _pass_through_if_dense(self, cap: Capture) -> None:
         """No rewrite changed anything: run the user's module itself, so the compiled model is never
         slower (the exported graph adds guard and pytree overhead). The graphs stay inspectable."""
-        rewritten = any(ir.FROM in n.meta for p in cap.parts for n in p.gm.graph.nodes)
+        rewritten = any(_changes_function(n.meta.get(ir.FROM)) for p in cap.parts for n in p.gm.graph.nodes)
         if not rewritten:
             cap.root = self._model
+            self.plan.model_error = 0.0     # what runs is the original module itself
             note = "no layer is sparse and no rewrite applied: runs the original module (no graph overhead)"
             if note not in self.plan.notes:
                 self.plan.notes.append(note)
@@ -236,8 +245,10 @@ class SparseModule(nn.Module):
         """A new input signature: capture again and apply the existing plan (no re-planning)."""
         self._say("new input shapes: capture again, reuse the plan")
         cap = capture(self._model, args, kwargs)
-        replay = Pipeline(["find_layers"])
         names = self._pipeline.names
+        # The packed weights were made from the graph as canonicalized (BN folded): replay those first.
+        first = names.index("find_layers") if "find_layers" in names else 0
+        replay = Pipeline([n for n in names[:first] if get_pass(n).kind == "canonicalize"] + ["find_layers"])
         rewrite = Pipeline(names[names.index("sparsify_weights"):]) if "sparsify_weights" in names else None
         for part in cap.parts:
             state = self._state.get(part.prefix)

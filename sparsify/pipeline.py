@@ -28,7 +28,7 @@ class PassResult:
 @dataclasses.dataclass(frozen=True)
 class RegisteredPass:
     name: str
-    kind: str            # "analysis" or "rewrite"
+    kind: str            # see KINDS
     fn: Callable
 
     def __call__(self, gm, ctx) -> PassResult:
@@ -38,6 +38,12 @@ class RegisteredPass:
 class PassError(RuntimeError):
     """A pass failed; the message names the pass and the passes that ran before it."""
 
+
+# analysis: writes node.meta only. rewrite: changes what the graph computes (sparse ops, pruned
+# channels) and records provenance. canonicalize: changes the graph but not its function (up to
+# rounding), e.g. folding batch norm into a conv; runs before analysis, is replayed when a new input
+# signature is captured, and alone does not count as "the model was rewritten".
+KINDS = ("analysis", "rewrite", "canonicalize")
 
 _PASSES: dict[str, RegisteredPass] = {}
 _DEFAULT_ORDER: list[str] = []
@@ -50,8 +56,8 @@ def register_pass(name: str, kind: str = "analysis", *, before: str | None = Non
     default=True appends it to the default pipeline; before=/after= insert it next to a named pass
     of the default pipeline (a user pass joins every later `sparsify.compile`).
     """
-    if kind not in ("analysis", "rewrite"):
-        raise ValueError(f"register_pass({name!r}): kind must be 'analysis' or 'rewrite', got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"register_pass({name!r}): kind must be one of {KINDS}, got {kind!r}")
 
     def deco(fn):
         _PASSES[name] = RegisteredPass(name, kind, fn)

@@ -13,8 +13,8 @@ def test_default_pipeline_order():
     sparsify.compile  # the roof loads the passes
     from sparsify import passes_loader
     passes_loader.load()
-    assert default_pass_names()[:5] == ["find_layers", "prune_channels", "calibrate", "choose_patterns",
-                                       "sparsify_weights"]
+    assert default_pass_names()[:6] == ["fold_batchnorm", "find_layers", "prune_channels", "calibrate",
+                                       "choose_patterns", "sparsify_weights"]
 
 
 def test_debug_dir_dumps_code_and_dot_per_pass(tmp_path, monkeypatch):
