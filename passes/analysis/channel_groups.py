@@ -15,13 +15,27 @@ channel dim of both operands and the output unless an operand broadcasts there. 
 connected component of slots reached from a producer's output slot, walking the networkx view of
 the graph (`ir.to_networkx`) both ways: from a slot to the op that defines it and to every user.
 
+A slot also carries an *index map* `(offset, unit)`: group channel j is the `unit` consecutive
+entries starting at `offset + j * unit` along `dim`. Most ops pass the map through unchanged; three
+change it. Concatenation along the channel dim shifts it (input i of `cat([a, b], 1)` sits at offset
+`a.size(1)` of the output, so the consumer's input columns of b's group start there; every cat
+input stays its own group). A view that merges the channel dim with inner dims scales the unit
+([B, C, H, W] -> [B, C*H*W] puts channel c at columns c*H*W .. c*H*W+H*W-1 of a following Linear);
+one that splits it rescales it back. A split the map cannot follow with one channel per entry, such
+as the attention head split [B, T, H*D] -> [B, T, H, D], makes the walk retry from the same seed
+with a coarser unit (D: one group channel is one head), which couples q, k and v by head through
+scaled_dot_product_attention or matmul / softmax / matmul and the output projection's input
+features in blocks of D.
+
 Whatever the walk does not understand ends the walk there and marks the group not prunable, with
-the reason (an op it does not know, a view that merges or splits the channel dim, concatenation
-along the channel dim, a grouped conv, the graph output, a graph input).
+the reason (an op it does not know, a view that mixes the channel dim with the batch dim, a slice
+along the channel dim, a grouped conv, grouped-query attention, the graph output, a graph input).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import operator
 from typing import Any
 
@@ -33,6 +47,14 @@ from sparsify import ir
 aten = torch.ops.aten
 
 Slot = tuple  # (fx.Node, int)
+IndexMap = tuple  # (offset, unit): group channel j is entries offset + j*unit .. + unit - 1 along the dim
+_FULL: IndexMap = (0, 1)
+_MAX_RETRIES = 3
+_stamps = itertools.count(1)   # orders group discoveries and prunes (prune_channels replays later prunes)
+
+
+def next_stamp() -> int:
+    return next(_stamps)
 
 # ---- op tables (by ATen overload packet name; a few Python-level callables map onto them) ---------
 _UNARY = {
@@ -118,9 +140,15 @@ class ChannelGroup:
     others: further op nodes that carry the channel and have parameters or arguments to adjust
       (norms, depthwise convs, views), by role.
     reasons: why the group may not be pruned (empty = prunable).
+    unit: entries of the seed's output dim per group channel (head_dim for an attention head group).
+    maps: node -> (offset, unit) of its slot (see the module docstring).
+    stamp: when the group was found; prunes logged later shift its offsets (prune_channels).
     """
 
     channels: int
+    unit: int = 1
+    maps: dict = dataclasses.field(default_factory=dict, repr=False)
+    stamp: int = 0
     slots: list = dataclasses.field(default_factory=list)
     producers: list = dataclasses.field(default_factory=list)
     consumers: list = dataclasses.field(default_factory=list)
@@ -140,6 +168,14 @@ class ChannelGroup:
     @property
     def reason(self) -> str | None:
         return "; ".join(self.reasons) if self.reasons else None
+
+    @property
+    def seed(self) -> fx.Node | None:
+        """The producer the walk started from (its output channels are the group's, unshifted)."""
+        return self.slots[0][0] if self.slots else None
+
+    def map_of(self, node: fx.Node) -> IndexMap:
+        return self.maps.get(node, _FULL)
 
     def dim_of(self, node: fx.Node) -> int | None:
         for n, d in self.slots:
@@ -178,7 +214,8 @@ class ChannelGroup:
 
     def describe(self) -> str:
         state = "prunable" if self.prunable else f"NOT prunable: {self.reason}"
-        return (f"ChannelGroup({self.channels} channels; producers={self.producer_fqns}; "
+        units = f" of {self.unit}" if self.unit > 1 else ""
+        return (f"ChannelGroup({self.channels} channels{units}; producers={self.producer_fqns}; "
                 f"consumers={self.consumer_fqns}; params={[t for t, _ in self.params]}; {state})")
 
     __repr__ = describe
@@ -216,6 +253,14 @@ class _Reject(Exception):
     pass
 
 
+class _Coarser(_Reject):
+    """The channel can be followed only in blocks `factor` times larger (whole attention heads)."""
+
+    def __init__(self, reason: str, factor: int):
+        super().__init__(reason)
+        self.factor = factor
+
+
 def _where(node: fx.Node) -> str:
     return f"{node.target if node.op == 'call_function' else node.op} at node {node.name}"
 
@@ -250,11 +295,15 @@ def _conv_spec(u: fx.Node) -> dict:
                 cin=xr - spatial - 1, cout=outr - spatial - 1)
 
 
-def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
+def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL,
+          channels: int | None = None) -> tuple[list, str | None]:
     """The slots of op `u` tied to `slot` (a slot of u's output or of one of its inputs).
 
-    Returns (members, role); raises _Reject(reason) where the channel cannot be followed.
-    role tells the walk what u is to the group: producer / consumer / depthwise / norm / view / ...
+    `imap` is the index map of `slot`, `channels` the group's channel count. Returns (members,
+    role): a member `(node, dim)` has the same index map as `slot`; ops that move the channel
+    entries (cat, views) return `(node, dim, imap)`. Raises _Reject(reason) where the channel
+    cannot be followed. role tells the walk what u is to the group: producer / consumer /
+    depthwise / norm / view / attention / ...
     """
     m, d = slot
     is_out = m is u
@@ -476,43 +525,17 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
             raise _Reject(f"{_where(u)} squeezes the channel dim")
         return [(x, din), (u, kept.index(din))], None
 
-    if name == "flatten":
-        x = u.args[0]
-        s = shape_of(x)
-        if s is None:
-            raise _Reject(f"no shape metadata for node {x.name}")
-        r = len(s)
-        start = _norm_dim(int(_arg(u, 1, "start_dim", 0)), r) if r else 0
-        end = _norm_dim(int(_arg(u, 2, "end_dim", -1)), r) if r else 0
-        mapping = {}
-        for i in range(r):
-            mapping[i] = i if i < start else (start if i <= end else i - (end - start))
-        if is_out:
-            cands = [i for i in range(r) if mapping[i] == d and s[i] != 1]
-            if len(cands) != 1:
-                raise _Reject(f"channel dim flows into {_where(u)}, which merges it with other dims")
-            din = cands[0]
-        else:
-            din = d
-        if start <= din <= end and any(s[i] != 1 for i in range(start, end + 1) if i != din):
-            raise _Reject(f"channel dim flows into {_where(u)}, which merges it with other dims "
-                          f"{tuple(s)} -> {shape_of(u)}")
-        return [(x, din), (u, mapping[din])], None
+    if name in _VIEW or name == "flatten":
+        return _reshape_rule(u, m, d, is_out, imap, channels)
 
-    if name in _VIEW:
-        x = u.args[0]
-        sin, sout = shape_of(x), shape_of(u)
-        if sin is None or sout is None:
-            raise _Reject(f"no shape metadata at {_where(u)}")
-        din = d if not is_out else _view_in_dim(sin, sout, d)
-        dout = _view_out_dim(sin, sout, din) if din is not None else None
-        if din is None or dout is None:
-            raise _Reject(f"channel dim flows into {_where(u)}, which merges or splits it "
-                          f"{tuple(sin)} -> {tuple(sout)}")
-        entry = list(u.args[1])[dout]
-        if not isinstance(entry, int):
-            raise _Reject(f"{_where(u)}: symbolic size at the channel dim")
-        return [(x, din), (u, dout)], "view"
+    if name == "expand":
+        return _expand_rule(u, m, d, is_out)
+
+    if name in ("matmul", "bmm"):
+        return _matmul_rule(u, m, d, is_out)
+
+    if name == "scaled_dot_product_attention":
+        return _sdpa_rule(u, m, d, is_out, imap)
 
     if name in ("permute", "transpose", "t"):
         x = u.args[0]
@@ -548,12 +571,7 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
         return [(x, din), (u, din - (1 if dim < din else 0))], None
 
     if name == "cat":
-        tensors = list(u.args[0])
-        r = _rank(u)
-        dim = _norm_dim(int(_arg(u, 1, "dim", 0)), r)
-        if dim == d:
-            raise _Reject(f"channel dim flows into {_where(u)}, which concatenates along it")
-        return [(t, d) for t in tensors if isinstance(t, fx.Node)] + [(u, d)], None
+        return _cat_rule(u, m, d, is_out, imap, channels)
 
     if name == "_assert_tensor_metadata":
         if _arg(u, 1, "size") is not None or _arg(u, 2, "stride") is not None:
@@ -568,24 +586,207 @@ def _rule(u: fx.Node, slot: Slot) -> tuple[list[Slot], str | None]:
     raise _Reject(f"channel dim flows into {u.target} at node {u.name}")
 
 
+def _cat_rule(u, m, d, is_out, imap, channels):
+    tensors = list(u.args[0])
+    dim = _norm_dim(int(_arg(u, 1, "dim", 0)), _rank(u))
+    if dim != d:   # along batch / spatial / tokens: every input carries the same channels (like add)
+        return [(t, d) for t in tensors if isinstance(t, fx.Node)] + [(u, d)], None
+    sizes = []
+    for t in tensors:
+        st = shape_of(t)
+        if st is None or len(st) <= dim:
+            raise _Reject(f"no shape metadata for input {getattr(t, 'name', t)} of {_where(u)}")
+        sizes.append(st[dim])
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    offset, unit = imap
+    if is_out:
+        # the group's entries must come from one input: that input's group continues backwards
+        end = offset + (channels or 0) * unit
+        for t, start, size in zip(tensors, starts, sizes):
+            if start <= offset and end <= start + size:
+                return [(t, dim, (offset - start, unit)), (u, dim, imap)], None
+        raise _Reject(f"channels {offset}..{end - 1} of {_where(u)} span several of its inputs "
+                      f"(a layer's channels would be split across groups)")
+    hits = [i for i, t in enumerate(tensors) if t is m]
+    if len(hits) != 1:
+        raise _Reject(f"{m.name} is concatenated {len(hits)} times by {_where(u)}")
+    return [(m, dim, imap), (u, dim, (starts[hits[0]] + offset, unit))], None
+
+
+def _reshape_rule(u, m, d, is_out, imap, channels):
+    x = u.args[0]
+    if m is not x and not is_out:
+        raise _Reject(f"channel dim flows into {_where(u)} as a non-data argument")
+    sin, sout = shape_of(x), shape_of(u)
+    if sin is None or sout is None:
+        raise _Reject(f"no shape metadata at {_where(u)}")
+    src, dst = (sout, sin) if is_out else (sin, sout)
+    what = f"channel dim flows into {_where(u)}, which merges or splits it {tuple(sin)} -> {tuple(sout)}"
+    try:
+        j, jmap = _follow_reshape(src, dst, d, imap, channels)
+    except _Coarser as e:
+        raise _Coarser(f"{what} (it can be followed in blocks of {e.factor})", e.factor) from None
+    except _Reject:
+        raise _Reject(what) from None
+    (din, map_in), (dout, map_out) = ((j, jmap), (d, imap)) if is_out else ((d, imap), (j, jmap))
+    if op_name(u) != "flatten":
+        entry = list(u.args[1])[dout]
+        if not isinstance(entry, int):
+            raise _Reject(f"{_where(u)}: symbolic size at the channel dim")
+    return [(x, din, map_in), (u, dout, map_out)], "view"
+
+
+def _segments(sin, sout) -> list[tuple[range, range]] | None:
+    """Aligned runs of dims with equal products: (B, T, 768) vs (B, T, 12, 64) gives B|B, T|T and
+    768|12,64. Size-1 dims join a neighbouring run. None where the shapes do not align."""
+    if 0 in sin or 0 in sout:
+        return None
+    segs, i, j = [], 0, 0
+    while i < len(sin) and j < len(sout):
+        i0, j0 = i, j
+        pi, pj = sin[i], sout[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj and i < len(sin):
+                pi, i = pi * sin[i], i + 1
+            elif pj < pi and j < len(sout):
+                pj, j = pj * sout[j], j + 1
+            else:
+                return None
+        segs.append((range(i0, i), range(j0, j)))
+    if _prod(sin[i:]) != 1 or _prod(sout[j:]) != 1:
+        return None
+    if not segs:
+        return [(range(len(sin)), range(len(sout)))]
+    last_in, last_out = segs[-1]
+    segs[-1] = (range(last_in.start, len(sin)), range(last_out.start, len(sout)))
+    return segs
+
+
+def _follow_reshape(sin, sout, din, imap, channels) -> tuple[int, IndexMap]:
+    """(dim, index map) in `sout` of the entries `imap` describes along dim `din` of `sin`.
+
+    Within the aligned run of dims that holds din, the group's entries are, in row-major order, the
+    blocks [offset + j*unit, + unit) * inner of dim din, repeated once per index of the dims before
+    din (period sin[din] * inner). An output dim carries them when the dims after it span whole
+    blocks and it, with the dims after it, spans exactly one period. Raises _Coarser where one
+    would with larger blocks (a split into heads), else _Reject.
+    """
+    segs = _segments(sin, sout)
+    if segs is None:
+        raise _Reject("shapes do not align")
+    run_in, run_out = next(seg for seg in segs if din in seg[0])
+    inner_in = _prod(sin[din + 1: run_in.stop])
+    offset, unit = imap
+    start, width, period = offset * inner_in, unit * inner_in, sin[din] * inner_in
+    factor = None
+    for j in run_out:
+        inner = _prod(sout[j + 1: run_out.stop])
+        if sout[j] == 1 or sout[j] * inner != period:
+            continue
+        if start % inner == 0 and width % inner == 0:
+            return j, (start // inner, width // inner)
+        f = math.lcm(width, inner) // width
+        if offset == 0 and (channels is None or channels % f == 0):
+            factor = f
+    if factor is not None:
+        raise _Coarser("needs larger blocks", factor)
+    raise _Reject("not followed")
+
+
+def _expand_rule(u, m, d, is_out):
+    x = u.args[0]
+    if m is not x and not is_out:
+        raise _Reject(f"channel dim flows into {_where(u)} as a non-data argument")
+    sx, so = shape_of(x), shape_of(u)
+    if sx is None or so is None:
+        raise _Reject(f"no shape metadata at {_where(u)}")
+    lead = len(so) - len(sx)
+    din = d - lead if is_out else d
+    if din < 0 or sx[din] != so[din + lead]:
+        raise _Reject(f"{_where(u)} broadcasts into the channel dim")
+    if not isinstance(list(u.args[1])[din + lead], int):
+        raise _Reject(f"{_where(u)}: symbolic size at the channel dim")
+    return [(x, din), (u, din + lead)], "view"
+
+
+def _matmul_rule(u, m, d, is_out):
+    a, b = u.args[0], u.args[1]
+    ra, rb, r = _rank(a), _rank(b), _rank(u)
+    if min(ra, rb) < 2:
+        raise _Reject(f"channel dim flows into {_where(u)}, a matrix-vector product")
+    if not is_out and a is b:
+        raise _Reject(f"{_where(u)} multiplies {m.name} with itself")
+    if is_out:
+        dout = d
+    elif m is a:
+        if d == ra - 1:
+            raise _Reject(f"channel dim of {m.name} is contracted by {_where(u)}")
+        dout = r - 2 if d == ra - 2 else d + r - ra
+    elif m is b:
+        if d == rb - 2:
+            raise _Reject(f"channel dim of {m.name} is contracted by {_where(u)}")
+        dout = r - 1 if d == rb - 1 else d + r - rb
+    else:
+        raise _Reject(f"channel dim flows into {_where(u)} as a non-data argument")
+    if dout == r - 2:
+        return [(u, dout), (a, ra - 2)], None
+    if dout == r - 1:
+        return [(u, dout), (b, rb - 1)], None
+    members = [(u, dout)]   # a batch dim (attention heads): both operands, unless broadcast
+    for t, rt in ((a, ra), (b, rb)):
+        dt = dout - (r - rt)
+        if dt >= 0 and shape_of(t)[dt] != 1:
+            members.append((t, dt))
+        elif t is m:
+            raise _Reject(f"{_where(u)} broadcasts the channel dim of {m.name}")
+    return members, None
+
+
+def _sdpa_rule(u, m, d, is_out, imap):
+    """Heads of q, k, v and the output are one dim; sequence and per-head feature dims are not."""
+    q, k, v = u.args[:3]
+    mask = _arg(u, 3, "attn_mask")
+    if not is_out and m not in (q, k, v):
+        raise _Reject(f"channel dim flows into the attention mask of {_where(u)}")
+    r = _rank(u)
+    if any(_rank(t) != r for t in (q, k, v)):
+        raise _Reject(f"{_where(u)}: q, k, v of different ranks")
+    if d >= r - 2:
+        raise _Reject(f"channel dim {d} of {m.name} enters {_where(u)} as a sequence or per-head "
+                      f"feature dim (only whole heads are pruned)")
+    hq, hkv = shape_of(q)[d], shape_of(k)[d]
+    q_map, kv_map = imap, imap
+    if hq != hkv:
+        rep = _gqa_repeat(u, hq, hkv)
+        offset, unit = imap
+        if m in (k, v) and m is not q:
+            q_map = (offset * rep, unit * rep)
+        elif offset % rep or unit % rep:
+            # one kv head serves `rep` q heads: prune q heads in whole kv groups
+            f = rep // math.gcd(unit, rep)
+            raise _Coarser(f"grouped-query attention {_where(u)}: {hq} q heads share {hkv} k/v heads, "
+                           f"q heads are pruned in groups of {rep}", f)
+        else:
+            kv_map = (offset // rep, unit // rep)
+    members = [(q, d, q_map), (u, d, q_map), (k, d, kv_map), (v, d, kv_map)]
+    sm = shape_of(mask) if isinstance(mask, fx.Node) else None
+    if sm is not None and d - (r - len(sm)) >= 0 and sm[d - (r - len(sm))] != 1:
+        members.append((mask, d - (r - len(sm)), q_map))
+    return members, "attention"
+
+
+def _gqa_repeat(u, hq, hkv) -> int:
+    if not _arg(u, 7, "enable_gqa", False) or hkv == 0 or hq % hkv:
+        raise _Reject(f"{_where(u)}: {hq} q heads and {hkv} k/v heads without enable_gqa")
+    return hq // hkv
+
+
 def _prod(xs) -> int:
     p = 1
     for x in xs:
         p *= x
     return p
-
-
-def _view_out_dim(sin, sout, din) -> int | None:
-    """Output dim of a view/reshape that carries input dim `din` unchanged, else None."""
-    before = _prod(sin[:din])
-    for j, n in enumerate(sout):
-        if n == sin[din] and _prod(sout[:j]) == before:
-            return j
-    return None
-
-
-def _view_in_dim(sin, sout, dout) -> int | None:
-    return _view_out_dim(sout, sin, dout)
 
 
 # ---- the walk -------------------------------------------------------------------------------
@@ -612,15 +813,20 @@ def _seed(node: fx.Node) -> Slot | None:
     return None
 
 
-def _walk(seed: Slot, nxg) -> ChannelGroup:
+def _walk(seed: Slot, nxg, unit: int = 1) -> tuple[ChannelGroup, int | None]:
+    """The group reached from `seed` with `unit` seed entries per channel, and the factor by which a
+    coarser unit would get past a split the walk could not follow (None if there was none)."""
     seed_shape = shape_of(seed[0])
-    channels = seed_shape[seed[1]] if seed_shape is not None else 0
-    group = ChannelGroup(channels=channels)
-    dims: dict[fx.Node, int] = {}
+    size = seed_shape[seed[1]] if seed_shape is not None else 0
+    channels = size // unit if size % unit == 0 else 0
+    group = ChannelGroup(channels=channels, unit=unit, stamp=next_stamp())
+    dims: dict[fx.Node, int] = {seed[0]: seed[1]}
+    maps = group.maps
+    maps[seed[0]] = (0, unit)
     roles: dict[tuple[fx.Node, str], None] = {}
     queue = [seed]
-    dims[seed[0]] = seed[1]
     group.slots.append(seed)
+    factors: list[int] = []
 
     def reject(reason: str) -> None:
         if reason not in group.reasons:
@@ -628,25 +834,47 @@ def _walk(seed: Slot, nxg) -> ChannelGroup:
 
     def visit(u: fx.Node, slot: Slot) -> None:
         try:
-            members, role = _rule(u, slot)
+            members, role = _rule(u, slot, maps[slot[0]], channels)
+        except _Coarser as e:
+            factors.append(e.factor)
+            reject(str(e))
+            return
         except _Reject as e:
             reject(str(e))
             return
         if role is not None and role != "param":
             roles.setdefault((u, role), None)
-        for n, dn in members:
-            if n in dims:
-                if dims[n] != dn:
-                    reject(f"node {n.name} carries the channel on two dims ({dims[n]} and {dn})")
-                continue
-            s = shape_of(n)
-            if s is not None and (dn >= len(s) or s[dn] != channels):
-                reject(f"node {n.name}: size {s[dn] if dn < len(s) else '?'} along dim {dn}, "
-                       f"expected {channels} channels")
-                continue
-            dims[n] = dn
-            group.slots.append((n, dn))
-            queue.append((n, dn))
+        for member in members:
+            if _admit(member, slot):
+                n, dn = member[0], member[1]
+                group.slots.append((n, dn))
+                queue.append((n, dn))
+
+    def _admit(member, slot) -> bool:
+        n, dn = member[0], member[1]
+        imap = member[2] if len(member) > 2 else maps[slot[0]]
+        if n in dims:
+            if dims[n] != dn:
+                reject(f"node {n.name} carries the channel on two dims ({dims[n]} and {dn})")
+            elif maps[n] != imap:
+                reject(f"node {n.name} carries the channel at two places along dim {dn} "
+                       f"(offset/unit {maps[n]} and {imap})")
+            return False
+        s = shape_of(n)
+        # a tie that keeps the map joins dims of one size; a moved map must fit in its dim
+        if len(member) > 2:
+            need = imap[0] + channels * imap[1]
+            ok = s is None or (dn < len(s) and s[dn] >= need)
+        else:
+            need = shape_of(slot[0])[slot[1]] if shape_of(slot[0]) is not None else None
+            ok = s is None or need is None or (dn < len(s) and s[dn] == need)
+        if not ok:
+            reject(f"node {n.name}: size {s[dn] if dn < len(s) else '?'} along dim {dn}, "
+                   f"expected {need} for {channels} channels")
+            return False
+        dims[n] = dn
+        maps[n] = imap
+        return True
 
     while queue:
         slot = queue.pop(0)
@@ -666,6 +894,18 @@ def _walk(seed: Slot, nxg) -> ChannelGroup:
         reject(f"unknown channel count at {seed[0].name}")
     for n in [*group.producers, *group.consumers, *(u for u, _ in group.others)]:
         group.fqn_of(n)   # name members now, before a rewrite renames their weights
+    return group, (max(factors) if factors else None)
+
+
+def _walk_coarsening(seed: Slot, nxg) -> ChannelGroup:
+    """Walk from `seed`; where a split (heads) needs larger blocks, walk again with them."""
+    unit = 1
+    group, factor = _walk(seed, nxg, unit)
+    for _ in range(_MAX_RETRIES):
+        if group.prunable or factor is None:
+            break
+        unit *= factor
+        group, factor = _walk(seed, nxg, unit)
     return group
 
 
@@ -673,7 +913,8 @@ def find_channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
     """Every channel group seeded by a weight layer's output channels, in graph order.
 
     Groups are disjoint: a layer whose output channels were already reached from an earlier seed
-    (a residual stream shared by several producers) belongs to that group.
+    (a residual stream shared by several producers, k and v from q through attention) belongs to
+    that group.
     """
     nxg = ir.to_networkx(gm)
     groups: list[ChannelGroup] = []
@@ -682,7 +923,7 @@ def find_channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
         seed = _seed(node)
         if seed is None or covered.get(seed[0]) == seed[1]:
             continue
-        group = _walk(seed, nxg)
+        group = _walk_coarsening(seed, nxg)
         for n, d in group.slots:
             covered.setdefault(n, d)
         groups.append(group)

@@ -201,7 +201,8 @@ def _plan_channel_layer(lp: LayerPlan, requested: Channel, ctx: PassContext) -> 
     if done is not None:
         lp.status, lp.kernel = PRUNED, "dense (shrunk)"
         lp.sparsity = 1 - done["kept"] / done["channels"]
-        lp.reason = (f"channel pruned: kept {done['kept']}/{done['channels']} output channels together with "
+        what = f"heads of {done['unit']} channels" if done.get("unit", 1) > 1 else "output channels"
+        lp.reason = (f"channel pruned: kept {done['kept']}/{done['channels']} {what} together with "
                      f"{', '.join(done['members'][:6])}; shapes above are the pruned ones; speed is checked "
                      f"at model level (verification), not per layer")
     elif skipped is not None:

@@ -4,8 +4,15 @@ For every channel group (analysis.channel_groups) that is prunable and whose mem
 a `Channel(keep, criterion)` weight pattern in the Config, score the channels, keep the best
 round(keep * C) (at least one) and slice every member of the group consistently: producer weight
 rows and biases, norm parameters and running statistics, depthwise conv weights (and their
-`groups`), per-channel parameters met on the way, layer_norm / view size arguments, and the input
-columns of every consumer layer.
+`groups`), per-channel parameters met on the way, layer_norm / view / expand size arguments, and the
+input columns of every consumer layer. A group channel may be a block of entries (a whole attention
+head: `unit` = head_dim) and may sit at an offset (an input of a concatenation): each slot's index
+map says which entries go.
+
+Groups are found once and pruned one after another, so a group's offsets can be stale: pruning the
+first input of a cat shifts the second input's columns in the consumer. Every prune logs the entries
+it removed on each node it touched (`_LOG`, with a stamp); a later prune translates its own indices
+through the log entries newer than its group's discovery.
 
 The user's tensors are never changed in place: each sliced tensor is registered on the GraphModule
 under a new attribute name (`_pruned_<target>`), its get_attr nodes are repointed, and the old
@@ -30,11 +37,43 @@ from sparsify.pipeline import PassContext, PassResult, register_pass
 
 from ..analysis import criteria
 from ..analysis.channel_groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec,
-                                       find_channel_groups, layer_fqn, op_name)
+                                       find_channel_groups, layer_fqn, next_stamp, op_name)
 
 PASS = "prune_channels"
 RULE = "channel_group"
 _OUT_MARK = "out channels"
+_LOG = "sparsify.pruned_channels"   # node.meta: [(stamp, dim, removed entries in the then-current coords)]
+_SIZED = _VIEW | {"expand"}         # ops whose size argument names the channel count
+
+
+# ---- which entries a group's channels are, now ------------------------------------------------
+def _entries(group: ChannelGroup, node: fx.Node, dim: int, channels: torch.Tensor) -> torch.Tensor:
+    """Indices along `dim` of `node`'s value, as the graph is now, of the group channels given."""
+    offset, unit = group.map_of(node)
+    idx = (offset + channels.long()[:, None] * unit + torch.arange(unit)).flatten()
+    for stamp, d, removed in node.meta.get(_LOG, ()):
+        if stamp <= group.stamp or d != dim:
+            continue
+        if torch.isin(idx, removed).any():
+            raise RuntimeError(f"channel group {group.name}: entries of node {node.name} along dim {dim} "
+                               f"were already removed by another prune (stale group)")
+        idx = idx - torch.searchsorted(removed, idx)
+    return idx
+
+
+def _size_now(gm: fx.GraphModule, node: fx.Node, dim: int) -> int:
+    if node.op == "get_attr":
+        return ir.fetch_attr(gm, node.target).shape[dim]
+    shape, _ = ir.tensor_meta(node)
+    if shape is None:
+        raise RuntimeError(f"no shape metadata for node {node.name}")
+    return int(shape[dim])
+
+
+def _complement(removed: torch.Tensor, size: int) -> torch.Tensor:
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[removed] = False
+    return mask.nonzero().flatten()
 
 
 # ---- scoring --------------------------------------------------------------------------------
@@ -53,20 +92,26 @@ def _rows(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 def channel_scores(gm: fx.GraphModule, group: ChannelGroup, criterion: str = "magnitude",
                    seed: int = 0) -> torch.Tensor:
     """Importance of each of the group's channels: the sum over its producers of the L2 norm of the
-    output row (magnitude), of the row's Wanda scores |W| * ||x|| (wanda, needs `sparsify.stats`
-    from calibrate; magnitude where missing), or random scores."""
-    total = torch.zeros(group.channels, dtype=torch.float64)
+    channel's output rows (magnitude; for a head, all head_dim rows together), of the rows' Wanda
+    scores |W| * ||x|| (wanda, needs `sparsify.stats` from calibrate; magnitude where missing), or
+    random scores."""
+    C = group.channels
+    total = torch.zeros(C, dtype=torch.float64)
+    everything = torch.arange(C)
     for node in group.producers:
         w = _rows(gm, node).float()
-        if w.shape[0] != group.channels:
-            raise ValueError(f"producer {node.name}: {w.shape[0]} rows, group has {group.channels} channels")
+        dim = group.dim_of(node)
+        rows = _entries(group, node, dim, everything)
+        if int(rows.max()) >= w.shape[0]:
+            raise ValueError(f"producer {node.name}: {w.shape[0]} rows, group needs row {int(rows.max())}")
+        w = w.index_select(0, rows.to(w.device))
         stats = node.meta.get(ir.STATS)
         if criterion == "wanda" and stats is not None and stats.channel_sq_sum is not None:
-            s = criteria.scores(w, "wanda", stats.channel_norm).sum(1)
+            s = criteria.scores(w, "wanda", stats.channel_norm).reshape(C, -1).sum(1)
         elif criterion == "random":
-            s = criteria.scores(w, "random", seed=seed).sum(1)
+            s = criteria.scores(w, "random", seed=seed).reshape(C, -1).sum(1)
         else:
-            s = w.norm(dim=1)
+            s = w.reshape(C, -1).norm(dim=1)
         total += s.double().cpu()
     return total
 
@@ -115,23 +160,23 @@ def _drop_attr(gm: fx.GraphModule, target: str) -> None:
         del mod.__dict__[leaf]
 
 
-def _shrunk(val, dim: int, channels: int, k: int):
+def _shrunk(val, dim: int, size: int, new_size: int):
     if isinstance(val, torch.Tensor):
-        if val.dim() <= dim or val.shape[dim] != channels:
+        if val.dim() <= dim or val.shape[dim] != size:
             return val
         shape = list(val.shape)
-        shape[dim] = k
+        shape[dim] = new_size
         if isinstance(val, torch._subclasses.fake_tensor.FakeTensor):
             return val.new_empty(shape)
         return torch.empty(shape, dtype=val.dtype, device="meta")
     if isinstance(val, (tuple, list)):
-        return type(val)(_shrunk(v, dim, channels, k) for v in val)
+        return type(val)(_shrunk(v, dim, size, new_size) for v in val)
     return val
 
 
-def _fix_meta(node: fx.Node, dim: int, channels: int, k: int) -> None:
+def _fix_meta(node: fx.Node, dim: int, size: int, new_size: int) -> None:
     if "val" in node.meta:
-        node.meta["val"] = _shrunk(node.meta["val"], dim, channels, k)
+        node.meta["val"] = _shrunk(node.meta["val"], dim, size, new_size)
     if "tensor_meta" in node.meta:
         val = node.meta.get("val")
         try:
@@ -180,18 +225,19 @@ def _refresh_layer_info(gm: fx.GraphModule, node: fx.Node) -> None:
         conv_params=conv)
 
 
-def _slice_stats(node: fx.Node, keep: torch.Tensor, channels: int) -> None:
-    """A consumer's input statistics follow its input channels (a new object: stats are shared)."""
+def _slice_stats(node: fx.Node, keep: torch.Tensor, size: int) -> None:
+    """A consumer's input statistics follow its input channels (a new object: stats are shared).
+    `keep`: the input entries that stay, out of `size`."""
     stats = node.meta.get(ir.STATS)
     info = node.meta.get(ir.LAYER)
     if stats is None or info is None:
         return
     changes = {}
-    if stats.channel_sq_sum is not None and stats.channel_sq_sum.numel() == channels:
+    if stats.channel_sq_sum is not None and stats.channel_sq_sum.numel() == size:
         changes["channel_sq_sum"] = stats.channel_sq_sum.index_select(0, keep.to(stats.channel_sq_sum.device))
     if stats.sample is not None:
         dim = 1 if info.op == "conv2d" and stats.sample.dim() >= 3 else stats.sample.dim() - 1
-        if stats.sample.shape[dim] == channels:
+        if stats.sample.shape[dim] == size:
             changes["sample"] = stats.sample.index_select(dim, keep.to(stats.sample.device))
     node.meta[ir.STATS] = dataclasses.replace(stats, **changes)
 
@@ -217,10 +263,46 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
     if int(keep[0]) < 0 or int(keep[-1]) >= C:
         raise ValueError(f"channel group {group.name}: keep indices must lie in [0, {C})")
     k = keep.numel()
-    detail = f"kept {k}/{C} channels"
+    detail = f"kept {k}/{C} channels" + (f" of {group.unit} entries each" if group.unit > 1 else "")
     params_before = sum(p.numel() for p in gm.parameters())
+    # every slot's entries that go, in the graph's current coordinates, before anything changes
+    drop = _complement(keep, C)
+    plan = {(n, d): (_entries(group, n, d, drop), _size_now(gm, n, d)) for n, d in group.slots}
 
-    # 1. parameters and buffers: new sliced tensors under new names, get_attr nodes repointed
+    old_targets = _slice_params(gm, group, plan, detail)
+    _fix_size_args(group, plan)
+    for (n, d), (removed, size) in plan.items():
+        _fix_meta(n, d, size, size - removed.numel())
+
+    # layer records: producers / consumers / depthwise convs; consumers' calibration stats
+    for n in group.producers:
+        _note(n, f"{_OUT_MARK}: {detail}")
+    for n in group.consumers:
+        _note(n, f"in channels: {detail}")
+    for n in [*group.consumers, *(u for u, role in group.others if role == "depthwise")]:
+        kept_in = _kept_inputs(n, plan)
+        if kept_in is not None:
+            _slice_stats(n, *kept_in)
+    touched = {u for n, _ in group.slots if n.op == "get_attr" for u in n.users}
+    for n in touched:
+        _refresh_layer_info(gm, n)
+
+    stamp = next_stamp()
+    for (n, d), (removed, _) in plan.items():
+        n.meta[_LOG] = [*n.meta.get(_LOG, ()), (stamp, d, removed)]
+
+    for target in old_targets:   # drop what nothing reads any more (copy-on-write of its modules)
+        _drop_attr(gm, target)
+
+    gm.graph.lint()
+    gm.recompile()
+    params_after = sum(p.numel() for p in gm.parameters())
+    return {"group": group.name, "kept": k, "channels": C, "unit": group.unit, "keep_idx": keep,
+            "params_removed": params_before - params_after}
+
+
+def _slice_params(gm: fx.GraphModule, group: ChannelGroup, plan: dict, detail: str) -> list[str]:
+    """New sliced tensors under new names, get_attr nodes repointed; returns the old targets."""
     by_target: dict[str, list] = {}
     for n, d in group.slots:
         if n.op == "get_attr":
@@ -234,7 +316,9 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
         old = ir.fetch_attr(gm, target)
         if not isinstance(old, torch.Tensor):
             raise RuntimeError(f"{target} is not a tensor ({type(old).__name__})")
-        sliced = old.detach().index_select(d, keep.to(old.device))
+        removed, _ = plan[items[0]]
+        kept = _complement(removed, old.shape[d])
+        sliced = old.detach().index_select(d, kept.to(old.device))
         name = _new_attr_name(gm, target)
         if isinstance(old, torch.nn.Parameter):
             gm.register_parameter(name, torch.nn.Parameter(sliced, requires_grad=old.requires_grad))
@@ -244,62 +328,52 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
             n.target = name
             _note(n, f"{detail} along dim {d} of {target}")
         old_targets.append(target)
+    return old_targets
 
-    # 2. size arguments of ops that name the channel count
-    for n, d in group.slots:
+
+def _fix_size_args(group: ChannelGroup, plan: dict) -> None:
+    """Arguments that state the channel count: depthwise `groups`, layer_norm shape, view/expand sizes."""
+    for (n, d), (removed, size) in plan.items():
         if n.op != "call_function":
             continue
+        r = removed.numel()
         name = op_name(n)
         if name in _CONV:
             spec = _conv_spec(n)
             if spec["groups"] != 1:   # depthwise conv (the walk admits no other grouped conv)
-                _set_arg(n, spec["g_index"], "groups", k)
-                _note(n, f"depthwise groups {C} -> {k}")
+                _set_arg(n, spec["g_index"], "groups", spec["groups"] - r)
+                _note(n, f"depthwise groups {spec['groups']} -> {spec['groups'] - r}")
         elif name in _LAYER_NORM:
-            n.update_arg(1, [k])
-            _note(n, f"normalized_shape [{C}] -> [{k}]")
-        elif name in _VIEW:
+            n.update_arg(1, [size - r])
+            _note(n, f"normalized_shape [{size}] -> [{size - r}]")
+        elif name in _SIZED:
             shape = list(n.args[1])
-            if shape[d] == C:
-                shape[d] = k
+            if isinstance(shape[d], int) and shape[d] != -1:   # -1 is inferred: nothing to change
+                shape[d] -= r
                 n.update_arg(1, shape)
-                _note(n, f"view size {C} -> {k} at dim {d}")
+                _note(n, f"{name} size {size} -> {size - r} at dim {d}")
 
-    # 3. shapes in node.meta
-    for n, d in group.slots:
-        _fix_meta(n, d, C, k)
 
-    # 4. layer records: producers / consumers / depthwise convs; consumers' calibration stats
-    for n in group.producers:
-        _note(n, f"{_OUT_MARK}: {detail}")
-    for n in group.consumers:
-        _note(n, f"in channels: {detail}")
-        _slice_stats(n, keep, C)
-    for n, role in group.others:
-        if role == "depthwise":
-            _slice_stats(n, keep, C)
-    touched = {u for n, _ in group.slots if n.op == "get_attr" for u in n.users}
-    for n in touched:
-        _refresh_layer_info(gm, n)
+def _kept_inputs(node: fx.Node, plan: dict) -> tuple[torch.Tensor, int] | None:
+    """(kept input entries, input size before) of a consumer / depthwise conv, from its weight slot."""
+    for (n, _), (removed, size) in plan.items():
+        if n.op == "get_attr" and n in node.all_input_nodes and n is not _arg_bias(node):
+            return _complement(removed, size), size
+    return None
 
-    # 5. drop the attributes nothing reads any more (copy-on-write of their modules)
-    for target in old_targets:
-        _drop_attr(gm, target)
 
-    gm.graph.lint()
-    gm.recompile()
-    params_after = sum(p.numel() for p in gm.parameters())
-    return {"group": group.name, "kept": k, "channels": C, "keep_idx": keep,
-            "params_removed": params_before - params_after}
+def _arg_bias(node: fx.Node):
+    spec = ir.WEIGHT_OPS.get(node.target)
+    if spec is None or spec[3] is None or len(node.args) <= spec[3]:
+        return None
+    return node.args[spec[3]]
 
 
 # ---- the pass -------------------------------------------------------------------------------
 def _already_pruned(group: ChannelGroup) -> bool:
-    for n in group.producers:
-        prov = n.meta.get(ir.FROM)
-        if prov is not None and prov.pass_name == PASS and _OUT_MARK in prov.detail:
-            return True
-    return False
+    # the seed only: another producer may own other channels too (a residual meeting a concat)
+    prov = group.seed.meta.get(ir.FROM) if group.seed is not None else None
+    return prov is not None and prov.pass_name == PASS and _OUT_MARK in prov.detail
 
 
 @register_pass(PASS, kind="rewrite")
@@ -334,14 +408,15 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         k = max(1, int(round(chosen.keep * g.channels)))
         if k >= g.channels:
             continue
-        ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels")
+        ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels"
+                + (f" of {g.unit} entries (heads)" if g.unit > 1 else ""))
         s = channel_scores(gm, g, chosen.criterion, seed=ctx.config.seed)
         keep_idx = torch.sort(s.topk(k).indices).values
         summary = prune_channel_group(gm, g, keep_idx)
         removed += summary["params_removed"]
         for f in producers:
-            done[f] = {"kept": k, "channels": g.channels, "members": [ctx.full_fqn(x) for x in g.fqns],
-                       "pattern": chosen.describe()}
+            done[f] = {"kept": k, "channels": g.channels, "unit": g.unit,
+                       "members": [ctx.full_fqn(x) for x in g.fqns], "pattern": chosen.describe()}
         for n in [*g.consumers, *(u for u, role in g.others if role == "depthwise")]:
             info = n.meta.get(ir.LAYER)
             if info is not None and ir.STATS in n.meta and "stats" in ctx.state:

@@ -1,4 +1,5 @@
 """Channel groups (dependency graph of coupled channels) and the prune_channels rewrite."""
+import copy
 import re
 
 import pytest
@@ -239,9 +240,35 @@ class CatNet(nn.Module):
         return self.fc(F.relu(self.c(y)).mean((2, 3)))
 
 
-def test_view_that_merges_the_channel_dim_is_not_prunable():
+def test_view_that_merges_channels_with_spatial_dims_is_followed_in_blocks():
+    # [B, 8, 4, 4] -> [B, 128] -> fc: channel c is fc's input columns 16c .. 16c+15
     x = _x((2, 3, 4, 4))
-    gm = _capture(ViewHead(), x)
+    model = ViewHead().eval()
+    gm = _capture(model, x)
+    group = _group_of(find_channel_groups(gm), "conv")
+    assert group.prunable, group.reason
+    assert group.consumer_fqns == ["fc"] and group.unit == 1
+    prune_channel_group(gm, group, [0, 2, 3, 7])
+    assert ir.fetch_attr(gm, _weight_target(gm, "fc")).shape == (5, 64)
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for c in (1, 4, 5, 6):
+            masked.fc.weight[:, 16 * c:16 * (c + 1)] = 0
+    torch.testing.assert_close(gm(x), masked(x), atol=1e-5, rtol=1e-5)
+
+
+def test_view_that_merges_the_channel_dim_with_the_batch_is_not_prunable():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x)).reshape(-1, 16))   # [B, 8, 4, 4] -> [B*8, 16]
+
+    x = _x((2, 3, 4, 4))
+    gm = _capture(M(), x)
     group = _group_of(find_channel_groups(gm), "conv")
     assert not group.prunable
     assert re.search(r"channel dim flows into aten\.(view|reshape|_unsafe_view)\S* at node \w+", group.reason)
@@ -249,8 +276,7 @@ def test_view_that_merges_the_channel_dim_is_not_prunable():
 
     ctx = _ctx(sparsify.Config(weight=sparsify.Channel(0.5)), x)
     gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, ctx)
-    assert "conv" in ctx.state["channel_groups_skipped"]
-    assert "view" in ctx.state["channel_groups_skipped"]["conv"]
+    assert "merges or splits" in ctx.state["channel_groups_skipped"]["conv"]
     assert ir.fetch_attr(gm, "conv.weight").shape == (8, 3, 3, 3)
 
 
@@ -268,15 +294,134 @@ def test_view_that_keeps_the_channel_dim_is_followed_and_rewritten():
     assert gm(x).shape == (2, 5)
 
 
-def test_cat_along_channels_is_not_prunable():
+def _mask_inputs(model, layer, columns=None, **more):
+    """A copy of `model` whose layers ignore the given input channels (zeroed weight columns):
+    `layer`, `columns` and any further `layer=columns`."""
+    masked = copy.deepcopy(model)
+    todo = {**({layer: columns} if columns is not None else {}), **more}
+    with torch.no_grad():
+        for name, cols in todo.items():
+            masked.get_submodule(name).weight[:, cols] = 0
+    return masked
+
+
+def test_cat_along_channels_keeps_one_group_per_input_at_its_offset():
     x = _x((2, 3, 4, 4))
-    gm = _capture(CatNet(), x)
+    model = CatNet().eval()
+    gm = _capture(model, x)
     groups = find_channel_groups(gm)
-    for producer in ("a", "b"):
-        g = _group_of(groups, producer)
-        assert not g.prunable
-        assert re.search(r"aten\.cat\S* at node \w+, which concatenates along it", g.reason)
+    a, b = _group_of(groups, "a"), _group_of(groups, "b")
+    assert a is not b and a.prunable and b.prunable, (a.reason, b.reason)
+    assert (a.channels, b.channels) == (4, 6)
+    assert a.consumer_fqns == b.consumer_fqns == ["c"]
+    assert dict(a.params)["c.weight"] == 1 and dict(b.params)["c.weight"] == 1
+    cat = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.cat.default)
+    assert a.map_of(cat) == (0, 1) and b.map_of(cat) == (4, 1), "b's channels start after a's 4"
     assert _group_of(groups, "c").prunable   # after the cat, c's own outputs are fine
+
+
+@pytest.mark.parametrize("order", ["a_first", "b_first"])
+def test_pruning_cat_inputs_equals_masking_the_consumer_columns(order):
+    # the second prune must see the first one's shift of the consumer's columns, in either order
+    x = _x((2, 3, 4, 4))
+    model = CatNet().eval()
+    gm = _capture(model, x)
+    groups = find_channel_groups(gm)
+    keep = {"a": [0, 2], "b": [1, 3, 5]}
+    for name in (["a", "b"] if order == "a_first" else ["b", "a"]):
+        prune_channel_group(gm, _group_of(groups, name), keep[name])
+    assert ir.fetch_attr(gm, _weight_target(gm, "c")).shape == (8, 5, 3, 3)
+    assert ir.fetch_attr(gm, _weight_target(gm, "b")).shape == (3, 3, 1, 1)
+    ref = _mask_inputs(model, "c", [1, 3, 4 + 0, 4 + 2, 4 + 4])(x)
+    torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+    gm.graph.lint()
+
+
+class DenseLinear(nn.Module):
+    """DenseNet-style growth on the last dim: x1 = [x0, f1(x0)], x2 = [x1, f2(x1)] -> head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.f1, self.f2 = nn.Linear(5, 6), nn.Linear(6, 4), nn.Linear(10, 3)
+        self.head = nn.Linear(13, 2)
+
+    def forward(self, x):
+        x0 = F.gelu(self.stem(x))
+        x1 = torch.cat([x0, F.gelu(self.f1(x0))], -1)
+        x2 = torch.cat([x1, F.gelu(self.f2(x1))], -1)
+        return self.head(x2)
+
+
+def test_nested_concat_of_linears_maps_offsets_through_every_cat():
+    x = torch.randn(3, 7, 5, generator=torch.Generator().manual_seed(2))
+    model = DenseLinear().eval()
+    gm = _capture(model, x)
+    groups = find_channel_groups(gm)
+    stem, f1, f2 = (_group_of(groups, p) for p in ("stem", "f1", "f2"))
+    assert set(stem.consumer_fqns) == {"f1", "f2", "head"}
+    assert set(f1.consumer_fqns) == {"f2", "head"} and f2.consumer_fqns == ["head"]
+    for g, (p, keep) in zip((f2, stem, f1), (("f2", [2]), ("stem", [0, 1, 5]), ("f1", [1, 3]))):
+        assert g.prunable, g.reason
+        prune_channel_group(gm, g, keep)
+    # dropped: stem 2,3,4 -> cols 2,3,4 of f1, f2, head; f1 0,2 -> cols 6,8 of f2, head;
+    # f2 0,1 -> head cols 10,11
+    assert ir.fetch_attr(gm, _weight_target(gm, "head")).shape == (2, 6)
+    assert ir.fetch_attr(gm, _weight_target(gm, "f2")).shape == (1, 5)
+    ref = _mask_inputs(model, None, f1=[2, 3, 4], f2=[2, 3, 4, 6, 8], head=[2, 3, 4, 6, 8, 10, 11])(x)
+    torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+
+    ctx = _ctx(sparsify.Config(weight=sparsify.Channel(0.5)), x)
+    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(_capture(model, x), ctx)
+    assert {"stem", "f1", "f2"} <= set(ctx.state["channel_groups_pruned"])
+    assert gm(x).shape == (3, 7, 2)
+
+
+@pytest.mark.parametrize("dim", [0, 2], ids=["batch", "spatial"])
+def test_cat_along_a_non_channel_dim_couples_its_inputs(dim):
+    class M(CatNet):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Conv2d(3, 4, 1)
+            self.c = nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=dim)
+            return self.fc(F.relu(self.c(y)).mean((2, 3)))
+
+    x = _x((2, 3, 4, 4))
+    model = M().eval()
+    gm = _capture(model, x)
+    g = _group_of(find_channel_groups(gm), "a")
+    assert g.prunable, g.reason
+    assert set(g.producer_fqns) == {"a", "b"} and g.consumer_fqns == ["c"]
+    prune_channel_group(gm, g, [1, 2])
+    torch.testing.assert_close(gm(x), _mask_inputs(model, "c", [0, 3])(x), atol=1e-5, rtol=1e-5)
+
+
+def test_cat_still_refused_where_channels_cannot_be_kept_apart():
+    class Twice(CatNet):   # the same tensor twice: its channels sit at two offsets
+        def forward(self, x):
+            a = F.relu(self.a(x))
+            return torch.cat([a, a, F.relu(self.b(x))[:, :2]], dim=1).sum()
+
+    gm = _capture(Twice(), _x((2, 3, 4, 4)))
+    g = _group_of(find_channel_groups(gm), "a")
+    assert not g.prunable and re.search(r"relu\w* is concatenated 2 times by aten\.cat", g.reason)
+
+    class Residual(CatNet):   # a full-width residual meets the concat: p's channels span both inputs
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Conv2d(3, 10, 1)
+
+        def forward(self, x):
+            p = self.p(x)
+            y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1) + p
+            return self.fc(F.relu(self.c(y)).mean((2, 3)))
+
+    gm = _capture(Residual(), _x((2, 3, 4, 4)))
+    g = _group_of(find_channel_groups(gm), "p")
+    assert not g.prunable and "span several of its inputs" in g.reason
 
 
 def test_channel_from_a_graph_input_is_not_prunable():
