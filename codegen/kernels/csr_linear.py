@@ -33,7 +33,7 @@ from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linea
 from sparsify.codegen.epilogue import Epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the computation or its checks change.
-KERNEL_VERSION = "csr_linear-1"
+KERNEL_VERSION = "csr_linear-2"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -128,6 +128,21 @@ def _check_indices(crow, col, k_in: int, check: Optional[bool]) -> None:
     _VALIDATED[key] = (weakref.ref(crow), weakref.ref(col), (crow._version, col._version))
 
 
+# torch warns once per process that sparse CSR is in beta; the filter costs ~2 us per call (as much as
+# building the CSR tensor itself), so it is only installed until the first construction has happened.
+_BETA_WARNING_SILENCED = [False]
+
+
+def _csr_tensor(crow, col, values, compute: torch.dtype, n_out: int, k_in: int) -> torch.Tensor:
+    if _BETA_WARNING_SILENCED[0]:
+        return torch.sparse_csr_tensor(crow, col, values.to(compute), size=(n_out, k_in), check_invariants=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        w = torch.sparse_csr_tensor(crow, col, values.to(compute), size=(n_out, k_in), check_invariants=False)
+    _BETA_WARNING_SILENCED[0] = True
+    return w
+
+
 def _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype):
     epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
     res2 = residual.reshape(rows, n_out) if residual is not None else None
@@ -153,15 +168,15 @@ def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, val
         return out if out is not None else x.new_empty(lead + (n_out,), dtype=out_dtype)
     # See the module docstring: MKL has no half-precision CSR kernels.
     compute = x.dtype if (x.is_cuda or x.dtype == torch.float32) else torch.float32
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        w = torch.sparse_csr_tensor(crow, col, values.to(compute), size=(n_out, k_in),
-                                    check_invariants=False)
+    w = _csr_tensor(crow, col, values, compute, n_out, k_in)
     x2 = x.reshape(rows, k_in).to(compute)
     acc = torch.mm(w, x2.t()).t()                                     # [rows, n_out]
-    if acc.dtype != torch.float32 and (bias is not None or residual is not None or activation != "none"):
-        acc = acc.float()
-    y = _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype).reshape(lead + (n_out,))
+    if bias is None and residual is None and activation == "none":
+        y = acc.to(out_dtype).reshape(lead + (n_out,))
+    else:
+        if acc.dtype != torch.float32:
+            acc = acc.float()
+        y = _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype).reshape(lead + (n_out,))
     if out is not None:
         return out.copy_(y)
     return y.contiguous()
