@@ -100,6 +100,26 @@ class ConvView(LinearView):
                         self.conv["groups"])
 
 
+# A kernel's output against the dense op on the same pruned weight: rounding (fp16/bf16 storage, tf32
+# dots, another summation order) stays far below these; a kernel bug does not. This is what stands
+# between a kernel that miscompiles on some GPU and a silently wrong model.
+KERNEL_CHECK_TOL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+class KernelMismatch(RuntimeError):
+    pass
+
+
+def _check_kernel_output(kernel: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    tol = KERNEL_CHECK_TOL.get(out.dtype, 1e-2)
+    if out.shape != ref.shape:
+        raise KernelMismatch(f"{kernel} returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+    err = _rel_l2(out.float(), ref.float())
+    if not err <= tol:                              # also catches NaN
+        raise KernelMismatch(f"{kernel} output differs from the dense op on the same pruned weight: "
+                             f"relative L2 {err:.3g} > {tol:g}")
+
+
 def _candidates(pattern: Pattern, ctx: PassContext, w: torch.Tensor | None = None) -> list[Pattern]:
     if isinstance(pattern, Auto):
         cands = list(ctx.config.candidates or DEFAULT_AUTO_CANDIDATES)
@@ -250,10 +270,13 @@ def _plan_layer(gm, node, info, stats, requested, ctx, cost, lp, packed_store):
                 kernels = [k for k in kernels if k.name in cfg.kernels]
             for name, why in why_not.items():
                 lp.candidates.append(Candidate(pattern, name, sparsity, note=why))
+            sparse_ref = (view.dense(x.float(), w_sparse.float(), None if b_dev is None else b_dev.float())
+                          if kernels else None)
             for k in kernels:
                 try:
                     packed = k.pack(w_sparse, pattern, info.conv_params)
                     out = k.call(x, packed, b_dev)
+                    _check_kernel_output(k.name, out, sparse_ref)
                     err = _rel_l2(out, dense_out)
                     ms = cost.time(cost.key(k.name, k.version, pattern.to_dict(), *shape_key,
                                             round(sparsity, 4)), lambda: k.call(x, packed, b_dev))

@@ -97,3 +97,29 @@ def test_auto_refuses_a_destroyed_layer_even_if_the_model_output_hides_it():
     for lp in plans.values():
         assert lp.status == "dense"
         assert all(c.layer_error > 0.3 for c in lp.candidates if c.layer_error is not None)
+
+
+def test_a_kernel_whose_output_is_wrong_is_never_a_candidate():
+    """Every candidate is checked against the dense op on the same pruned weight before it is timed:
+    a kernel that miscompiles (here: doubles its output) is reported and the layer stays dense, even
+    when forced."""
+    import dataclasses
+
+    from sparsify.codegen import weight_kernels
+
+    class Doubling(weight_kernels.WeightKernel):
+        def call(self, *args, **kwargs):
+            return super().call(*args, **kwargs) * 2
+
+    csr = weight_kernels.KERNELS["csr_torch"]
+    weight_kernels.register_kernel(Doubling(**{f.name: getattr(csr, f.name) for f in dataclasses.fields(csr)}
+                                            | {"name": "doubling_csr"}))
+    try:
+        plans = _compile(Config(weight=Unstructured(0.5), force=True, kernels=("doubling_csr",)),
+                         {"dense": 1.0, "doubling_csr": 0.1})
+    finally:
+        del weight_kernels.KERNELS["doubling_csr"]
+    for lp in plans.values():
+        assert lp.status == "dense"
+        (cand,) = [c for c in lp.candidates if c.kernel == "doubling_csr"]
+        assert "differs from the dense op on the same pruned weight" in cand.note
