@@ -56,7 +56,12 @@ def check_out(out, shape, dtype, device, *, channels_last_ok: bool = False, cont
 
 def check_linear_epilogue(x, n_out: int, bias, residual, activation: str) -> None:
     """bias [n_out], residual x.shape[:-1] + (n_out,), both floating and on x's device; a known activation."""
-    lead = tuple(x.shape[:-1])
+    check_epilogue(x, n_out, tuple(x.shape[:-1]) + (n_out,), "x.shape[:-1] + (n_out,)", bias, residual, activation)
+
+
+def check_epilogue(x, n_out: int, out_shape: tuple, out_shape_means: str, bias, residual, activation: str) -> None:
+    """bias [n_out], residual of the output's shape, both floating and on x's device; a known activation.
+    out_shape_means: how the output shape is derived, for the residual's error message."""
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (n_out,):
             raise ValueError(f"bias must have shape ({n_out},), got {describe(bias)}")
@@ -65,8 +70,8 @@ def check_linear_epilogue(x, n_out: int, bias, residual, activation: str) -> Non
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != lead + (n_out,):
-            raise ValueError(f"residual must have shape {lead + (n_out,)} (x.shape[:-1] + (n_out,)), "
+        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != tuple(out_shape):
+            raise ValueError(f"residual must have shape {tuple(out_shape)} ({out_shape_means}), "
                              f"got {describe(residual)}")
         if not residual.dtype.is_floating_point:
             raise TypeError(f"residual must be a floating tensor, got {residual.dtype}")

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.kernels._checks import check_out, resolve_out_dtype
+from sparsify.codegen.kernels._checks import check_epilogue, check_out, resolve_out_dtype
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
 from sparsify.codegen.kernels._checks import describe
@@ -158,6 +158,20 @@ def unpack_bsr_conv(w: BSRConvWeight) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def output_pixels(offs_p, P, HOUT, WOUT, STRIDE_H, STRIDE_W, PAD_H, PAD_W):
+    """(n, oh, ow, ih0, iw0) of output pixels offs_p of the implicit GEMM (p = (n * HOUT + oh) * WOUT + ow);
+    ih0 / iw0: the input row / column of tap (0, 0), negative inside the top / left padding.
+    Pixels past P are clamped into range (computed, never stored), so they gather valid addresses."""
+    p = offs_p % P
+    hw = HOUT * WOUT
+    n = p // hw
+    rem = p - n * hw
+    oh = rem // WOUT
+    ow = rem - oh * WOUT
+    return n, oh, ow, oh * STRIDE_H - PAD_H, ow * STRIDE_W - PAD_W
+
+
+@triton.jit
 def _bsr_conv2d_kernel(
     x_ptr, w_ptr, row_ptr_ptr, col_idx_ptr, bias_ptr, res_ptr, out_ptr,
     P, O, C, H, W, HOUT, WOUT, C_BLOCKS, KW,
@@ -187,15 +201,7 @@ def _bsr_conv2d_kernel(
 
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_b = tl.arange(0, BLOCK)
-    # Pixels past P are clamped into range (computed, never stored), so they gather valid addresses.
-    p = offs_p % P
-    hw = HOUT * WOUT
-    n = p // hw
-    rem = p - n * hw
-    oh = rem // WOUT
-    ow = rem - oh * WOUT
-    ih0 = oh * STRIDE_H - PAD_H                    # input row of tap (0, 0); may be negative
-    iw0 = ow * STRIDE_W - PAD_W
+    n, oh, ow, ih0, iw0 = output_pixels(offs_p, P, HOUT, WOUT, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
     # int64 before the strides: N * C * H * W can exceed 2^31. Negative for pixels whose tap (0, 0)
     # falls in the padding; such addresses are only formed, never loaded (masked below).
     x_pix = x_ptr + (n.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh
@@ -339,19 +345,7 @@ def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilatio
         raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
                          f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
     out_shape = (n, o, hout, wout)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (o,):
-            raise ValueError(f"bias must have shape ({o},), got {describe(bias)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output's shape {out_shape} (N, O, Hout, Wout), "
-                             f"got {describe(residual)}")
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
     return block, (stride2, padding2, dilation2), out_shape
 
 
@@ -461,6 +455,13 @@ def bsr_conv2d_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.T
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     weight = _unpack_conv(values, row_ptr, col_idx, o, x.shape[1], kh, kw).to(acc_dtype)
     acc = F.conv2d(x.to(acc_dtype), weight, None, stride2, padding2, dilation2)
+    return conv_epilogue_reference(acc, x, bias, residual, activation, out_dtype, out)
+
+
+def conv_epilogue_reference(acc: torch.Tensor, x: torch.Tensor, bias, residual, activation: str,
+                            out_dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The sparse convs' reference epilogue: acc [N, O, Hout, Wout] (accumulation dtype) through the
+    shared torch epilogue over channels-last [N, Hout, Wout, O], stored in x's memory format or `out`."""
     epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
     res_nhwc = None if residual is None else residual.permute(0, 2, 3, 1)
     y = apply_reference(acc.permute(0, 2, 3, 1), epi, bias=bias, residual=res_nhwc, out_dtype=out_dtype)

@@ -43,13 +43,14 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
-from sparsify.codegen.kernels._checks import check_out, describe, is_int, resolve_out_dtype
+from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
+from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
 # Geometry, memory-format and groups rules are the block-sparse conv's; the weight format is nm_linear's.
 from sparsify.codegen.kernels.bsr_conv2d import (IntPair, _check_groups, _check_weight, _out_memory_format,
+                                                 conv_epilogue_reference, output_pixels,
                                                   _out_size, _pair)
-from sparsify.codegen.kernels.nm_linear import (NMWeight, _check_nm, _unpack, meta_bits, meta_cols, nm_mask,
-                                                 num_groups, pack_nm)
+from sparsify.codegen.kernels.nm_linear import (NMWeight, _check_nm, _unpack, expand_nm_tile, meta_bits,
+                                                 meta_cols, nm_mask, num_groups, pack_nm)
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
 KERNEL_VERSION = "nm_conv2d-1"
@@ -198,24 +199,13 @@ def _nm_conv2d_kernel(
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_cb = tl.arange(0, BLOCK_C)
     mask_o = offs_o < O
-    # Pixels past P are clamped into range (computed, never stored), so they gather valid addresses.
-    p = offs_p % P
-    hw = HOUT * WOUT
-    n = p // hw
-    rem = p - n * hw
-    oh = rem // WOUT
-    ow = rem - oh * WOUT
-    ih0 = oh * STRIDE_H - PAD_H                    # input row of tap (0, 0); may be negative
-    iw0 = ow * STRIDE_W - PAD_W
+    n, oh, ow, ih0, iw0 = output_pixels(offs_p, P, HOUT, WOUT, STRIDE_H, STRIDE_W, PAD_H, PAD_W)
     # int64 before the strides: N * C * H * W can exceed 2^31. Negative for pixels whose tap (0, 0)
     # falls in the padding; such addresses are only formed, never loaded (masked below).
     x_pix = x_ptr + (n.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh
                      + iw0.to(tl.int64) * stride_xw)
     v_rows = v_ptr + offs_o.to(tl.int64)[:, None] * stride_vo
     meta_rows = meta_ptr + offs_o.to(tl.int64)[:, None] * stride_metao
-
-    PER_BYTE: tl.constexpr = 8 // BITS
-    IDX_MASK: tl.constexpr = (1 << BITS) - 1
 
     acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=tl.float32)
     for tap in range(TAPS):
@@ -237,24 +227,13 @@ def _nm_conv2d_kernel(
                 x_mask = inside[:, None] & in_c[None, :]
             x_tile = tl.load(x_tap[:, None] + offs_c[None, :] * stride_xc, mask=x_mask, other=0.0)
 
-            # Expand the compressed W tile to dense [BLOCK_O, BLOCK_C] in registers: channel c of this
-            # tap is position c % GROUP of group first_group + c // GROUP; it is the stored value of
-            # that group whose index equals the position, or zero. Channels past C are masked (the
-            # last tap's would read past the row; the others' are zero padding anyway).
-            g = first_group + offs_c // GROUP
-            pos = offs_c % GROUP
-            w_mask = mask_o[:, None] & in_c[None, :]
-            first = g * KEEP
-            if ONE_BYTE:
-                byte = tl.load(meta_rows + (first // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
-            w_tile = tl.zeros((BLOCK_O, BLOCK_C), dtype=x_ptr.dtype.element_ty)
-            for i in tl.static_range(KEEP):
-                j = first + i
-                if not ONE_BYTE:
-                    byte = tl.load(meta_rows + (j // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
-                idx = (byte >> ((j % PER_BYTE) * BITS)[None, :]) & IDX_MASK
-                val = tl.load(v_rows + j[None, :], mask=w_mask, other=0.0)
-                w_tile = tl.where(idx == pos[None, :], val, w_tile)
+            # The dense [BLOCK_O, BLOCK_C] W tile: channel c of this tap is position c % GROUP of group
+            # first_group + c // GROUP. Channels past C are masked (the last tap's would read past
+            # the row; the others' are zero padding anyway).
+            w_tile = expand_nm_tile(v_rows, meta_rows, first_group + offs_c // GROUP, offs_c % GROUP,
+                                    mask_o[:, None] & in_c[None, :],
+                                    tl.zeros((BLOCK_O, BLOCK_C), dtype=x_ptr.dtype.element_ty),
+                                    KEEP, BITS, ONE_BYTE)
 
             if UPCAST_DOT:
                 x_tile = x_tile.to(tl.float32)
@@ -344,23 +323,7 @@ def _check_args(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, 
         raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
                          f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
     out_shape = (batch, o, hout, wout)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (o,):
-            raise ValueError(f"bias must have shape ({o},), got {describe(bias)}")
-        if not bias.dtype.is_floating_point:
-            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
-    if residual is not None:
-        if not isinstance(residual, torch.Tensor) or tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output's shape {out_shape} (N, O, Hout, Wout), "
-                             f"got {describe(residual)}")
-        if not residual.dtype.is_floating_point:
-            raise TypeError(f"residual must be a floating tensor, got {residual.dtype}")
-        if residual.device != x.device:
-            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
     return (stride2, padding2, dilation2), out_shape, resolve_out_dtype(x, out_dtype)
 
 
@@ -458,13 +421,7 @@ def nm_conv2d_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
     else:
         weight = _unpack_conv(values, meta, o, c, kh, kw, n, m).to(acc_dtype)
         acc = F.conv2d(x.to(acc_dtype), weight, None, stride2, padding2, dilation2)
-    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-    res_nhwc = None if residual is None else residual.permute(0, 2, 3, 1)
-    y = apply_reference(acc.permute(0, 2, 3, 1), epi, bias=bias, residual=res_nhwc, out_dtype=out_dtype)
-    y = y.permute(0, 3, 1, 2)
-    if out is None:
-        return y.contiguous(memory_format=_out_memory_format(x))
-    return out.copy_(y)
+    return conv_epilogue_reference(acc, x, bias, residual, activation, out_dtype, out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -211,6 +211,32 @@ def unpack_nm(w: NMWeight) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def expand_nm_tile(v_rows, meta_rows, g, pos, w_mask, w_tile,
+                   KEEP: tl.constexpr, BITS: tl.constexpr, ONE_BYTE: tl.constexpr):
+    """Expand compressed n:m weights to the dense tile `w_tile` (zeros, [rows, cols]) in registers.
+
+    Column c of the tile lies in group g[c] at position pos[c]; it is the stored value of g whose
+    index equals pos, or zero. v_rows / meta_rows: [rows, 1] row pointers into the values and the
+    uint8 metadata (nm_linear's layout, BITS bits per index). The KEEP candidates of a group are
+    adjacent in memory, so these gathers hit the same cache lines. ONE_BYTE: a group's KEEP indices
+    share one metadata byte, so one load per group serves them all.
+    """
+    PER_BYTE: tl.constexpr = 8 // BITS
+    IDX_MASK: tl.constexpr = (1 << BITS) - 1
+    first = g * KEEP
+    if ONE_BYTE:
+        byte = tl.load(meta_rows + (first // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
+    for i in tl.static_range(KEEP):
+        j = first + i
+        if not ONE_BYTE:
+            byte = tl.load(meta_rows + (j // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
+        idx = (byte >> ((j % PER_BYTE) * BITS)[None, :]) & IDX_MASK
+        val = tl.load(v_rows + j[None, :], mask=w_mask, other=0.0)
+        w_tile = tl.where(idx == pos[None, :], val, w_tile)
+    return w_tile
+
+
+@triton.jit
 def _nm_linear_kernel(
     x_ptr, v_ptr, meta_ptr, bias_ptr, res_ptr, out_ptr,
     M, N, K,
@@ -252,33 +278,16 @@ def _nm_linear_kernel(
     v_rows = v_ptr + offs_n.to(tl.int64)[:, None] * stride_vn
     meta_rows = meta_ptr + offs_n.to(tl.int64)[:, None] * stride_metan
 
-    PER_BYTE: tl.constexpr = 8 // BITS
-    IDX_MASK: tl.constexpr = (1 << BITS) - 1
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         x_tile = tl.load(x_rows + offs_k[None, :] * stride_xk,
                          mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-
-        # Expand the compressed W tile to dense [BLOCK_N, BLOCK_K] in registers: column k sits in
-        # group g at position p; it is the stored value of g whose index equals p, or zero. The
-        # KEEP candidates of a group are adjacent in memory, so these gathers hit the same lines.
-        g = offs_k // GROUP
-        p = offs_k % GROUP
-        w_mask = mask_n[:, None] & mask_k[None, :]
-        first = g * KEEP
-        if ONE_BYTE:
-            byte = tl.load(meta_rows + (first // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
-        w_tile = tl.zeros((BLOCK_N, BLOCK_K), dtype=x_ptr.dtype.element_ty)
-        for i in tl.static_range(KEEP):
-            j = first + i
-            if not ONE_BYTE:
-                byte = tl.load(meta_rows + (j // PER_BYTE)[None, :], mask=w_mask, other=0).to(tl.int32)
-            idx = (byte >> ((j % PER_BYTE) * BITS)[None, :]) & IDX_MASK
-            val = tl.load(v_rows + j[None, :], mask=w_mask, other=0.0)
-            w_tile = tl.where(idx == p[None, :], val, w_tile)
+        w_tile = expand_nm_tile(v_rows, meta_rows, offs_k // GROUP, offs_k % GROUP,
+                                mask_n[:, None] & mask_k[None, :],
+                                tl.zeros((BLOCK_N, BLOCK_K), dtype=x_ptr.dtype.element_ty),
+                                KEEP, BITS, ONE_BYTE)
 
         if UPCAST_DOT:
             x_tile = x_tile.to(tl.float32)

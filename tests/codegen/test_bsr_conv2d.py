@@ -410,7 +410,7 @@ def test_bad_conv_args(gen):
         (dict(dilation=0), "dilation must be >= 1"),
         (dict(dilation=4), "too small for a 3x3 kernel"),
         (dict(bias=torch.randn(31)), "bias must have shape"),
-        (dict(residual=torch.randn(N, 32, H, W)), r"residual must have the output's shape \(2, 32, 5, 7\)"),
+        (dict(residual=torch.randn(N, 32, H, W)), r"residual must have shape \(2, 32, 5, 7\)"),
         (dict(activation="tanh"), "activation"),
         (dict(out=torch.empty(N, 32, 5, 8)), "out must have shape"),
         (dict(out=torch.empty(N, 32, 5, 7, dtype=torch.float16)), "out must be torch.float32"),

@@ -417,7 +417,7 @@ def test_bad_conv_args(gen):
         (dict(dilation=0), "dilation must be >= 1"),
         (dict(dilation=4), "too small for a 3x3 kernel"),
         (dict(bias=torch.randn(15)), r"bias must have shape \(16,\)"),
-        (dict(residual=torch.randn(N, 16, H, W)), r"residual must have the output's shape \(2, 16, 5, 7\)"),
+        (dict(residual=torch.randn(N, 16, H, W)), r"residual must have shape \(2, 16, 5, 7\)"),
         (dict(activation="tanh"), "activation must be one of"),
         (dict(out=torch.empty(N, 16, 5, 8)), "out must have shape"),
         (dict(out=torch.empty(N, 16, 5, 7, dtype=torch.float16)), "out must be torch.float32"),
