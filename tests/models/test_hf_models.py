@@ -349,3 +349,43 @@ def test_unstructured_within_budget(name, force, timings, monkeypatch):
     n = next(iter(_float_leaves(out))).shape[0]
     for a, b in zip(_first_rows(out, n), _first_rows(out2, n)):
         assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(a.abs().max()))
+
+
+def test_resnet_batchnorm_folds_exactly_and_relus_fuse_into_sparse_convs():
+    """HF ResNet's conv -> BatchNorm -> ReLU: with real (non-default) BN statistics the folded graph
+    computes what eager does, and forced block-sparse convs take the following ReLU into their kernel."""
+    from sparsify import passes_loader
+    from sparsify.capture import capture
+    from sparsify.codegen import runtime
+    from sparsify.pipeline import PassContext, Pipeline
+
+    model = _build(CASES["resnet"])
+    gen = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=gen))
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(c, generator=gen))
+            m.bias.data.copy_(torch.randn(c, generator=gen))
+    x = CASES["resnet"].inputs(1)
+    ref = _call(model, x)
+
+    passes_loader.load()
+    gm = capture(model, (x,)).root
+    ctx = PassContext(sparsify.Config(weight=sparsify.Dense()))
+    gm = Pipeline(["fold_batchnorm"]).run(gm, ctx)
+    assert "batch_norm" not in gm.code, ctx.state.get("not_folded")
+    assert _max_diff(ref, _call(gm, x)) <= 1e-4
+
+    cfg = sparsify.Config(weight=sparsify.Block(16, 0.5), force=True, kernels=("bsr_conv_triton",),
+                          max_error=10.0, timing_repeats=1, check_model_speed=False)
+    with runtime.force_triton():
+        sm = sparsify.compile(model, example_inputs=x, config=cfg)
+        out = _call(sm, x)
+    convs = [n for n in sm.graph_module.graph.nodes if str(n.target) == "sparsify.bsr_conv2d.default"]
+    assert convs and any(sparsify.ir.op_arg(n, "activation")[1] == "relu" for n in convs)
+    assert all(torch.isfinite(t).all() for t in _float_leaves(out))
+    from sparsify.metrics import output_error
+
+    assert abs(output_error([ref], [out]) - sm.plan.model_error) <= 1e-4
