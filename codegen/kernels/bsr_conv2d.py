@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
+from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import check_epilogue, check_out, resolve_out_dtype
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
@@ -89,11 +90,11 @@ class BSRConvWeight(BlockGridStats):
     @property
     def c_blocks(self) -> int:
         """Channel blocks per tap: Cp / block."""
-        return triton.cdiv(self.c, self.block)
+        return cdiv(self.c, self.block)
 
     @property
     def n_block_rows(self) -> int:
-        return triton.cdiv(self.o, self.block)
+        return cdiv(self.o, self.block)
 
     @property
     def n_block_cols(self) -> int:
@@ -119,7 +120,7 @@ def conv_weight_matrix(weight: torch.Tensor, block: int) -> torch.Tensor:
     _check_weight(weight, 1)
     _check_block(block)
     o, c, kh, kw = weight.shape
-    cp = triton.cdiv(c, block) * block
+    cp = cdiv(c, block) * block
     w = weight.permute(0, 2, 3, 1)                                  # [O, kh, kw, C]
     w = F.pad(w, (0, cp - c))
     return w.reshape(o, kh * kw * cp)
@@ -143,7 +144,7 @@ def pack_bsr_conv(weight: torch.Tensor, block: int, groups: int = 1) -> BSRConvW
 
 def _unpack_conv(values, row_ptr, col_idx, o: int, c: int, kh: int, kw: int) -> torch.Tensor:
     block = values.shape[-1]
-    cp = triton.cdiv(c, block) * block
+    cp = cdiv(c, block) * block
     wmat = _unpack(values, row_ptr, col_idx, o, kh * kw * cp)
     return wmat.reshape(o, kh, kw, cp)[..., :c].permute(0, 3, 1, 2)
 
@@ -261,7 +262,7 @@ def _config_for(P: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
     block_p = 16 if P <= 16 else 32 if P <= 32 else 64 if P <= 64 else 128
     tile = block_p * block
     num_warps = 2 if tile <= 512 else 4 if tile <= 8192 else 8
-    elsize = torch.empty((), dtype=dtype).element_size()
+    elsize = dtype.itemsize
     per_stage = (block_p * block + block * block) * elsize
     num_stages = 3 if 3 * per_stage <= _SMEM_BUDGET else 1
     return block_p, num_warps, num_stages
@@ -329,7 +330,7 @@ def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilatio
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if t.dtype != torch.int32 or t.dim() != 1:
             raise TypeError(f"{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    nbr = triton.cdiv(o, block)
+    nbr = cdiv(o, block)
     if row_ptr.shape[0] != nbr + 1:
         raise ValueError(f"row_ptr has {row_ptr.shape[0]} entries, expected ceil(o / block) + 1 = "
                          f"{nbr + 1} for o={o}, block={block}")
@@ -357,7 +358,7 @@ def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, kh: int, kw: int,
     if not check:
         return
     c = x.shape[1]
-    n_cols = kh * kw * triton.cdiv(c, block)
+    n_cols = kh * kw * cdiv(c, block)
     if nnzb:
         max_col = int(col_idx.max())
         if max_col >= n_cols or int(col_idx.min()) < 0:
@@ -416,11 +417,11 @@ def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
 
     cfg_p, cfg_warps, cfg_stages = _config_for(p, block, x.dtype)
     block_p = block_p or cfg_p
-    grid = (triton.cdiv(p, block_p), triton.cdiv(o, block))
+    grid = (cdiv(p, block_p), cdiv(o, block))
     upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
     _bsr_conv2d_kernel[grid](
         xc, values.contiguous(), row_ptr, col_idx, bias_arg, res2, out,
-        p, o, c, h, w, hout, wout, triton.cdiv(c, block), kw,
+        p, o, c, h, w, hout, wout, cdiv(c, block), kw,
         *xc.stride(), *out.stride(), stride_rm, stride_rn,
         stride2[0], stride2[1], padding2[0], padding2[1], dilation2[0], dilation2[1],
         BLOCK_P=block_p, BLOCK=block, EVEN_C=(c % block == 0),

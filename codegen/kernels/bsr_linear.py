@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_out, describe,
                                                resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
@@ -72,11 +73,11 @@ class BSRWeight(BlockGridStats):
 
     @property
     def n_block_rows(self) -> int:
-        return triton.cdiv(self.n, self.block)
+        return cdiv(self.n, self.block)
 
     @property
     def n_block_cols(self) -> int:
-        return triton.cdiv(self.k, self.block)
+        return cdiv(self.k, self.block)
 
 
 def _check_block(block, name: str = "block") -> int:
@@ -88,7 +89,7 @@ def _check_block(block, name: str = "block") -> int:
 def _block_grid(t: torch.Tensor, block: int) -> torch.Tensor:
     """[N, K] -> [ceil(N/b), ceil(K/b), b, b] view of the zero-padded matrix."""
     n, k = t.shape
-    nbr, nbc = triton.cdiv(n, block), triton.cdiv(k, block)
+    nbr, nbc = cdiv(n, block), cdiv(k, block)
     padded = torch.nn.functional.pad(t, (0, nbc * block - k, 0, nbr * block - n))
     return padded.reshape(nbr, block, nbc, block).permute(0, 2, 1, 3)
 
@@ -116,7 +117,7 @@ def unpack_bsr(bsr: BSRWeight) -> torch.Tensor:
 
 def _unpack(values, row_ptr, col_idx, n: int, k: int) -> torch.Tensor:
     block = values.shape[-1]
-    nbr, nbc = triton.cdiv(n, block), triton.cdiv(k, block)
+    nbr, nbc = cdiv(n, block), cdiv(k, block)
     counts = (row_ptr[1:] - row_ptr[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(nbr, device=values.device), counts)
     grid = values.new_zeros(nbr, nbc, block, block)
@@ -210,10 +211,6 @@ def _bsr_linear_kernel(
 _SMEM_BUDGET = 160 * 1024
 
 
-def _elsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def _config_for(M: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages) for a launch. A hand heuristic until GPU tuning replaces it:
     BLOCK_M follows M so tiny M does not waste a 128-row tile; warps grow with the tile.
@@ -229,10 +226,10 @@ def _config_for(M: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
         # 4 warps beat the 128-row, 8-warp default for 128-blocks by 10-18% (e.g. 0.0977 vs 0.119 ms
         # at M = 2048, density 0.5); BLOCK_M = 256 with 8 warps was best at M = 8192 but needs more
         # shared memory than _SMEM_BUDGET allows for two buffers.
-        return 64, 4, (3 if 2 * (64 * block + block * block) * _elsize(dtype) <= _SMEM_BUDGET else 1)
+        return 64, 4, (3 if 2 * (64 * block + block * block) * dtype.itemsize <= _SMEM_BUDGET else 1)
     tile = block_m * block
     num_warps = 2 if tile <= 512 else 4 if tile <= 8192 else 8
-    per_stage = (block_m * block + block * block) * _elsize(dtype)
+    per_stage = (block_m * block + block * block) * dtype.itemsize
     num_stages = 3 if 2 * per_stage <= _SMEM_BUDGET else 1
     return block_m, num_warps, num_stages
 
@@ -262,7 +259,7 @@ def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, 
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if t.dtype != torch.int32 or t.dim() != 1:
             raise TypeError(f"{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
-    nbr = triton.cdiv(n_out, block)
+    nbr = cdiv(n_out, block)
     if row_ptr.shape[0] != nbr + 1:
         raise ValueError(f"row_ptr has {row_ptr.shape[0]} entries, expected ceil(n_out / block) + 1 = "
                          f"{nbr + 1} for n_out={n_out}, block={block}")
@@ -286,7 +283,7 @@ def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, check: Optional[b
     k = x.shape[-1]
     if nnzb:
         max_col = int(col_idx.max())
-        if max_col >= triton.cdiv(k, block) or int(col_idx.min()) < 0:
+        if max_col >= cdiv(k, block) or int(col_idx.min()) < 0:
             raise ValueError(f"x.shape[-1]={k} is too small for the packed weight: col_idx reaches block "
                              f"column {max_col}, which needs K > {max_col * block} (block={block})")
     if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != nnzb or bool((row_ptr[1:] < row_ptr[:-1]).any()):
@@ -334,7 +331,7 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
 
     cfg_m, cfg_warps, cfg_stages = _config_for(m, block, x.dtype)
     block_m = block_m or cfg_m
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n_out, block))
+    grid = (cdiv(m, block_m), cdiv(n_out, block))
     upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
     _bsr_linear_kernel[grid](
         x2, values.contiguous(), row_ptr, col_idx, bias_arg, res2, out2,

@@ -44,6 +44,7 @@ import triton.language as tl
 
 from sparsify.codegen import runtime
 from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
+from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
 # Geometry, memory-format and groups rules are the block-sparse conv's; the weight format is nm_linear's.
 from sparsify.codegen.kernels.bsr_conv2d import (IntPair, _check_groups, _check_weight, _out_memory_format,
@@ -264,7 +265,7 @@ def _config_for(P: int, O: int, C: int, dtype: torch.dtype) -> tuple[int, int, i
     block_c = 16 if C <= 16 else 32 if C <= 32 else 64
     tile = block_p * block_o
     num_warps = 2 if tile <= 512 else 4 if tile <= 8192 else 8
-    elsize = torch.empty((), dtype=dtype).element_size()
+    elsize = dtype.itemsize
     per_stage = (block_p + block_o) * block_c * elsize
     num_stages = 3 if 3 * per_stage <= _SMEM_BUDGET else 1
     return block_p, block_o, block_c, num_warps, num_stages
@@ -381,7 +382,7 @@ def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         res2, stride_rm, stride_rn = out, 0, 0
 
     bits = meta_bits(m)
-    grid = (triton.cdiv(p, bp), triton.cdiv(o, bo))
+    grid = (cdiv(p, bp), cdiv(o, bo))
     upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
     _nm_conv2d_kernel[grid](
         xc, values, meta, bias_arg, res2, out,

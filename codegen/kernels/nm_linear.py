@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
+from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, is_int,
                                                resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
@@ -503,7 +504,7 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
     for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
         if not is_int(b) or b < 16 or b & (b - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
-    grid = (triton.cdiv(rows, bm) * triton.cdiv(n_out, bn),)
+    grid = (cdiv(rows, bm) * cdiv(n_out, bn),)
     warps, stages = num_warps or cfg[3], num_stages or cfg[4]
     upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
     if (n, m) == (2, 4) and bk >= 64:

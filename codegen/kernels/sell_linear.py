@@ -68,6 +68,7 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
+from sparsify.codegen.kernels._host import cdiv, next_power_of_2
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, describe,
                                                is_int, resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
@@ -104,7 +105,7 @@ class SELLWeight:
 
     @property
     def n_slices(self) -> int:
-        return triton.cdiv(self.n_out, self.slice_rows)
+        return cdiv(self.n_out, self.slice_rows)
 
     @property
     def slots(self) -> int:
@@ -144,7 +145,7 @@ def pack_sell(weight: torch.Tensor, slice_rows: int = DEFAULT_SLICE_ROWS, sort_w
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
     s = _check_slice_rows(slice_rows)
     if sort_window is None:
-        sort_window = max(triton.cdiv(weight.shape[0], s), 1) * s
+        sort_window = max(cdiv(weight.shape[0], s), 1) * s
     if not is_int(sort_window) or sort_window < 1 or (sort_window != 1 and sort_window % s):
         raise ValueError(f"sort_window must be 1 (no sorting) or a positive multiple of slice_rows={s}, "
                          f"got {sort_window!r}")
@@ -168,7 +169,7 @@ def pack_sell(weight: torch.Tensor, slice_rows: int = DEFAULT_SLICE_ROWS, sort_w
     else:
         perm = rows
     sorted_counts = counts[perm]
-    n_slices = triton.cdiv(n_out, s)
+    n_slices = cdiv(n_out, s)
     padded = torch.nn.functional.pad(sorted_counts, (0, n_slices * s - n_out))
     widths = padded.reshape(n_slices, s).amax(dim=1) if n_slices else padded.new_zeros(0)
     slice_ptr = torch.zeros(n_slices + 1, dtype=torch.int64, device=dev)
@@ -282,7 +283,7 @@ def _config_for(M: int, slice_rows: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps). A hand heuristic, untuned (no GPU measurements yet): BLOCK_M
     follows M up to 16 so one token does not pay for sixteen; BLOCK_K fills the tile budget, at
     most 64 (a slice is only ~ density * K entries wide: 82 at 4096 x 0.02)."""
-    block_m = min(16, triton.next_power_of_2(max(M, 1)))
+    block_m = min(16, next_power_of_2(max(M, 1)))
     block_k = max(8, min(64, _TILE_ELEMENTS // (block_m * slice_rows)))
     num_warps = 2 if block_m * slice_rows * block_k <= 1024 else 4
     return block_m, block_k, num_warps
@@ -305,7 +306,7 @@ def _check_args(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias,
     if values.dim() != 1 or cols.dim() != 1 or cols.shape[0] != values.shape[0]:
         raise ValueError(f"values and cols must be 1-D of the same length (slots), got {tuple(values.shape)} "
                          f"and {tuple(cols.shape)}")
-    want = triton.cdiv(n_out, s) + 1
+    want = cdiv(n_out, s) + 1
     if slice_ptr.dtype != torch.int64 or tuple(slice_ptr.shape) != (want,):
         raise ValueError(f"slice_ptr must be int64 [ceil(n_out / slice_rows) + 1] = [{want}], got "
                          f"{slice_ptr.dtype} {tuple(slice_ptr.shape)}")
@@ -383,7 +384,7 @@ def sell_linear_triton(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor
         stride_rm, stride_rn = res2.stride()
     else:
         res2, stride_rm, stride_rn = out2, 0, 0
-    grid = (triton.cdiv(n_out, slice_rows) * triton.cdiv(rows, bm),)
+    grid = (cdiv(n_out, slice_rows) * cdiv(rows, bm),)
     _sell_linear_kernel[grid](
         x2, values.contiguous(), cols.contiguous(), slice_ptr.contiguous(), perm.contiguous(),
         bias_arg, res2, out2,
