@@ -1,6 +1,8 @@
 """Argument checks shared by the kernel host wrappers: one wording for one mistake everywhere."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sparsify.codegen.epilogue import ACTIVATIONS
@@ -52,6 +54,16 @@ def check_out(out, shape, dtype, device, *, channels_last_ok: bool = False, cont
             raise ValueError("out must be contiguous (NCHW) or channels-last contiguous")
     elif not out.is_contiguous():
         raise ValueError("out must be contiguous")
+
+
+def linear_output(x, n_out: int, out_dtype, out):
+    """(output [..., n_out], rows) for a linear launch: the caller's checked buffer or a new one, and
+    the number of token rows (x's leading dims flattened)."""
+    lead = tuple(x.shape[:-1])
+    check_out(out, lead + (n_out,), out_dtype, x.device)
+    if out is None:
+        out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
+    return out, math.prod(lead)
 
 
 def check_linear_epilogue(x, n_out: int, bias, residual, activation: str) -> None:

@@ -18,7 +18,6 @@ Entry points: `pack_bsr` / `unpack_bsr` / `block_mask_from_scores` (host-side we
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -26,8 +25,8 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen.kernels._host import cdiv
-from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_out, describe,
-                                               resolve_out_dtype)
+from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_out, describe, linear_output,
+                                              resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 from sparsify.codegen import runtime
 
@@ -309,11 +308,7 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
     if input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, check_indices)
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
-    if out is None:
-        out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
-    m = math.prod(lead)
+    out, m = linear_output(x, n_out, out_dtype, out)
     if m == 0 or n_out == 0:
         return out
 

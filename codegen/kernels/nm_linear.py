@@ -48,7 +48,7 @@ import triton.language as tl
 from sparsify.codegen import runtime
 from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, is_int,
-                                               resolve_out_dtype)
+                                              linear_output, resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
@@ -476,11 +476,7 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
                             kernel_dtypes=True)
     if input_precision not in _INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
-    if out is None:
-        out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
-    rows = math.prod(lead)
+    out, rows = linear_output(x, n_out, out_dtype, out)
     if rows == 0 or n_out == 0:
         return out
     if k_in == 0:  # an empty reduction: the epilogue of zeros, no kernel needed

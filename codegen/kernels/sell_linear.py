@@ -60,7 +60,6 @@ custom op, works under torch.compile and torch.export).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional
 
 import torch
@@ -70,7 +69,7 @@ import triton.language as tl
 from sparsify.codegen import runtime
 from sparsify.codegen.kernels._host import cdiv, next_power_of_2
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, describe,
-                                               is_int, resolve_out_dtype)
+                                              is_int, linear_output, resolve_out_dtype)
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 
 # Part of the cost-cache key: bump when the kernel's code, format or launch heuristics change.
@@ -357,11 +356,7 @@ def sell_linear_triton(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor
     out_dtype = _check_args(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias, residual,
                             activation, out_dtype, kernel_dtypes=True)
     _check_indices(values, cols, slice_ptr, perm, n_out, k_in, slice_rows, check_indices)
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
-    if out is None:
-        out = torch.empty(lead + (n_out,), dtype=out_dtype, device=x.device)
-    rows = math.prod(lead)
+    out, rows = linear_output(x, n_out, out_dtype, out)
     if rows == 0 or n_out == 0:
         return out
     if k_in == 0:  # an empty reduction: the epilogue of zeros, no kernel needed
