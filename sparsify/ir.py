@@ -180,6 +180,20 @@ def probes(gm: fx.GraphModule, watch: Iterable[tuple[fx.Node, Any]], callback: C
         gm.recompile()
 
 
+def shallow_module_copy(mod: torch.nn.Module) -> torch.nn.Module:
+    """A module with its own attribute, parameter, buffer and child tables, sharing every tensor and
+    child: setting an attribute on the copy leaves the original untouched, without copying weights."""
+    import copy
+
+    new = copy.copy(mod)
+    new.__dict__ = dict(mod.__dict__)
+    new._parameters = dict(mod._parameters)
+    new._buffers = dict(mod._buffers)
+    new._modules = dict(mod._modules)
+    new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
+    return new
+
+
 def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """A GraphModule with its own graph and attribute tables but the same parameter tensors.
 
@@ -189,11 +203,6 @@ def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
     """
     import copy
 
-    new = copy.copy(gm)
-    new.__dict__ = dict(gm.__dict__)
-    new._parameters = dict(gm._parameters)
-    new._buffers = dict(gm._buffers)
-    new._modules = dict(gm._modules)
-    new._non_persistent_buffers_set = set(gm._non_persistent_buffers_set)
+    new = shallow_module_copy(gm)
     new.graph = copy.deepcopy(gm.graph)
     return new

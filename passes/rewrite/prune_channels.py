@@ -24,7 +24,6 @@ producers' output channels were already pruned by this pass is left alone on a s
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 
@@ -128,16 +127,6 @@ def _new_attr_name(gm: fx.GraphModule, target: str) -> str:
     return name
 
 
-def _shallow_module_copy(mod: torch.nn.Module) -> torch.nn.Module:
-    new = copy.copy(mod)
-    new.__dict__ = dict(mod.__dict__)
-    new._parameters = dict(mod._parameters)
-    new._buffers = dict(mod._buffers)
-    new._modules = dict(mod._modules)
-    new._non_persistent_buffers_set = set(mod._non_persistent_buffers_set)
-    return new
-
-
 def _drop_attr(gm: fx.GraphModule, target: str) -> None:
     """Remove an attribute no get_attr node reads any more, copy-on-write along its module path."""
     if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
@@ -148,7 +137,7 @@ def _drop_attr(gm: fx.GraphModule, target: str) -> None:
         child = mod._modules.get(part)
         if child is None:
             return
-        child = _shallow_module_copy(child)  # never edit a module the user (or a snapshot) holds
+        child = ir.shallow_module_copy(child)  # never edit a module the user (or a snapshot) holds
         mod._modules[part] = child
         mod = child
     if leaf in mod._parameters:
