@@ -14,6 +14,8 @@ users, a conv weight or bias shared with another op or computed in the graph.
 """
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -52,13 +54,13 @@ def _bn_params(gm: fx.GraphModule, bn: fx.Node):
     return None
 
 
-def _own_param(gm: fx.GraphModule, node) -> str | None:
-    """get_attr target of a parameter read by this one node only, else None."""
+def _own_param(readers: Counter, node) -> str | None:
+    """get_attr target of a parameter read by this one node only, else None.
+    readers: get_attr nodes per target in the graph."""
     target = ir.get_attr_target(node)
     if target is None or len(node.users) != 1:
         return None
-    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == target]
-    return target if len(readers) == 1 else None
+    return target if readers[target] == 1 else None
 
 
 def _container(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str] | None:
@@ -73,14 +75,14 @@ def _container(gm: fx.GraphModule, target: str) -> tuple[nn.Module, str] | None:
     return mod, name
 
 
-def _fold_one(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node) -> str | None:
+def _fold_one(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node, readers: Counter) -> str | None:
     """Fold `bn` into `conv`; returns why not (with nothing changed), or None when folded."""
     params = _bn_params(gm, bn)
     if params is None:
         return "batch norm in training mode or without running statistics"
     gamma, beta, mean, var, eps = params
     a = list(conv.args) + [None] * (7 - len(conv.args))
-    w_target = _own_param(gm, a[1])
+    w_target = _own_param(readers, a[1])
     if w_target is None:
         return "conv weight is shared or computed"
     w_home = _container(gm, w_target)
@@ -88,7 +90,7 @@ def _fold_one(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node) -> str | None:
         return f"the weight's module {w_target.rpartition('.')[0]!r} belongs to the user's model"
     w_mod, w_name = w_home
     if a[2] is not None:
-        b_target = _own_param(gm, a[2])
+        b_target = _own_param(readers, a[2])
         b_home = _container(gm, b_target) if b_target is not None else None
         if b_home is None:
             return "conv bias is shared, computed or owned by the user's model"
@@ -137,6 +139,8 @@ def _fold_one(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node) -> str | None:
 @register_pass(PASS, kind="canonicalize", before="find_layers")
 def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     folded, skipped = 0, {}
+    # Folding only adds fresh bias names and removes BN inputs, so counts of conv weights stay right.
+    readers = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")
     for bn in list(gm.graph.nodes):
         is_bn = (bn.op == "call_function" and bn.target == aten.batch_norm.default) or (
             bn.op == "call_module" and isinstance(gm.get_submodule(bn.target), nn.BatchNorm2d))
@@ -145,7 +149,7 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         conv = bn.args[0]
         if conv.op != "call_function" or conv.target != aten.conv2d.default or len(conv.users) != 1:
             continue
-        why = _fold_one(gm, conv, bn)
+        why = _fold_one(gm, conv, bn, readers)
         if why is None:
             folded += 1
         else:

@@ -84,9 +84,9 @@ def _absorb(gm: fx.GraphModule, node: fx.Node, user: fx.Node) -> None:
 def _fuse_activation(gm, node) -> str | None:
     _, act = ir.op_arg(node, "activation")
     user = _only_user(node)
-    if act != "none" or user is None or _activation_of(user) is None:
+    name = _activation_of(user) if act == "none" and user is not None else None
+    if name is None:
         return None
-    name = _activation_of(user)
     ir.set_op_arg(node, "activation", name)
     _absorb(gm, node, user)
     return name
