@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 import sparsify
 from sparsify import Config, ConfigError, PatternError

@@ -15,21 +15,27 @@ channel dim of both operands and the output unless an operand broadcasts there. 
 connected component of slots reached from a producer's output slot, walking the networkx view of
 the graph (`ir.to_networkx`) both ways: from a slot to the op that defines it and to every user.
 
-A slot also carries an *index map* `(offset, unit)`: group channel j is the `unit` consecutive
-entries starting at `offset + j * unit` along `dim`. Most ops pass the map through unchanged; three
-change it. Concatenation along the channel dim shifts it (input i of `cat([a, b], 1)` sits at offset
-`a.size(1)` of the output, so the consumer's input columns of b's group start there; every cat
-input stays its own group). A view that merges the channel dim with inner dims scales the unit
-([B, C, H, W] -> [B, C*H*W] puts channel c at columns c*H*W .. c*H*W+H*W-1 of a following Linear);
-one that splits it rescales it back. A split the map cannot follow with one channel per entry, such
-as the attention head split [B, T, H*D] -> [B, T, H, D], makes the walk retry from the same seed
-with a coarser unit (D: one group channel is one head), which couples q, k and v by head through
-scaled_dot_product_attention or matmul / softmax / matmul and the output projection's input
-features in blocks of D.
+A slot also carries an *index map* (`IndexMap`): group channel j is the `unit` consecutive entries
+starting at `offset + j * unit` along `dim`, in each of `reps` parts `stride` apart. Most ops pass
+the map through unchanged; four change it. Concatenation along the channel dim shifts it (input i
+of `cat([a, b], 1)` sits at offset `a.size(1)` of the output, so the consumer's input columns of
+b's group start there; every cat input stays its own group). A view that merges the channel dim
+with inner dims scales the unit ([B, C, H, W] -> [B, C*H*W] puts channel c at columns c*H*W ..
+c*H*W+H*W-1 of a following Linear); one that splits it rescales it back. A split the map cannot
+follow with one channel per entry, such as the attention head split [B, T, H*D] -> [B, T, H, D],
+makes the walk retry from the same seed with a coarser unit (D: one group channel is one head),
+which couples q, k and v by head through scaled_dot_product_attention or matmul / softmax / matmul
+and the output projection's input features in blocks of D. A split (split, chunk, unbind) along the
+channel dim hands each piece the channels inside it (a concat split apart at other boundaries);
+where a producer's channels span all of its equal pieces, it is a packed projection (GPT-2's q|k|v,
+a gate|up FFN), and the walk retries with the seed's entries as that many parts: channel j is then
+entries j of each part, and each piece carries one part. A view into [.., 3, H, D] (timm's qkv)
+does the same through the map.
 
 Whatever the walk does not understand ends the walk there and marks the group not prunable, with
 the reason (an op it does not know, a view that mixes the channel dim with the batch dim, a slice
-along the channel dim, a grouped conv, grouped-query attention, the graph output, a graph input).
+along the channel dim, a split into unequal parts that a producer's channels span (a packed
+grouped-query q|k|v), unbinding the channel dim, a grouped conv, the graph output, a graph input).
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import dataclasses
 import itertools
 import math
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -47,9 +53,34 @@ from sparsify import ir
 aten = torch.ops.aten
 
 Slot = tuple  # (fx.Node, int)
-IndexMap = tuple  # (offset, unit): group channel j is entries offset + j*unit .. + unit - 1 along the dim
-_FULL: IndexMap = (0, 1)
-_MAX_RETRIES = 3
+
+
+class IndexMap(NamedTuple):
+    """Where a group's channels sit along a dim: channel j is the `unit` entries from
+    offset + j*unit, repeated `reps` times `stride` entries apart. reps > 1 is a packed projection
+    (q|k|v or gate|up in one weight): one head is an entry range in each of the parts."""
+
+    offset: int = 0
+    unit: int = 1
+    reps: int = 1
+    stride: int = 0
+
+    def end(self, channels: int) -> int:
+        """One past the last entry of the group's channels."""
+        return self.offset + (self.reps - 1) * self.stride + channels * self.unit
+
+    def shifted(self, by: int) -> "IndexMap":
+        return self._replace(offset=self.offset + by)
+
+    def entries(self, channels: torch.Tensor) -> torch.Tensor:
+        """Indices of the given channels' entries, channel-major (a channel's entries are adjacent)."""
+        base = self.offset + channels.long()[:, None, None] * self.unit
+        reps = (torch.arange(self.reps) * self.stride)[None, :, None]
+        return (base + reps + torch.arange(self.unit)[None, None, :]).flatten()
+
+
+_FULL = IndexMap()
+_MAX_WALKS = 8   # walks per seed: the first, then retries with coarser units or packed parts
 _stamps = itertools.count(1)   # orders group discoveries and prunes (prune_channels replays later prunes)
 
 
@@ -73,6 +104,7 @@ _POOL = {"max_pool2d": 2, "avg_pool2d": 2, "adaptive_avg_pool2d": 2, "adaptive_m
          "adaptive_avg_pool1d": 1, "upsample_nearest2d": 2, "upsample_bilinear2d": 2,
          "max_pool3d": 3, "avg_pool3d": 3, "adaptive_avg_pool3d": 3}
 _VIEW = {"view", "reshape", "_unsafe_view"}
+_SPLIT = {"split", "split_with_sizes", "unsafe_split", "unsafe_split_with_sizes", "chunk", "unbind"}
 _BATCH_NORM = {"batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
                "native_batch_norm"}
 _LAYER_NORM = {"layer_norm", "native_layer_norm"}
@@ -254,11 +286,13 @@ class _Reject(Exception):
 
 
 class _Coarser(_Reject):
-    """The channel can be followed only in blocks `factor` times larger (whole attention heads)."""
+    """The channel can be followed only with a coarser index map at the seed. `requests`: the
+    (factor, reps) pairs that would do, best first: blocks `factor` times larger (a whole attention
+    head per channel) and the seed's entries as `reps` equal parts (a packed q|k|v projection)."""
 
-    def __init__(self, reason: str, factor: int):
+    def __init__(self, reason: str, requests):
         super().__init__(reason)
-        self.factor = factor
+        self.requests = list(requests)
 
 
 def _where(node: fx.Node) -> str:
@@ -295,11 +329,12 @@ def _conv_spec(u: fx.Node) -> dict:
                 cin=xr - spatial - 1, cout=outr - spatial - 1)
 
 
-def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL,
-          channels: int | None = None) -> tuple[list, str | None]:
+def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL, channels: int | None = None,
+          maps: dict | None = None) -> tuple[list, str | None]:
     """The slots of op `u` tied to `slot` (a slot of u's output or of one of its inputs).
 
-    `imap` is the index map of `slot`, `channels` the group's channel count. Returns (members,
+    `imap` is the index map of `slot`, `channels` the group's channel count, `maps` the index maps
+    of the slots found so far (a split reached from one piece needs its input's). Returns (members,
     role): a member `(node, dim)` has the same index map as `slot`; ops that move the channel
     entries (cat, views) return `(node, dim, imap)`. Raises _Reject(reason) where the channel
     cannot be followed. role tells the walk what u is to the group: producer / consumer /
@@ -322,6 +357,9 @@ def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL,
 
     if name == "getitem":
         src, index = u.args[0], u.args[1]
+        if is_out and _base_name(op_name(src)) in _SPLIT:
+            members, _ = _split_rule(src, d, imap, channels, maps or {}, piece=int(index))
+            return members, None   # the split's role is taken when the walk reaches its input
         if is_out:
             return [(src, d), (u, d)], None
         # u selects an element of a tuple-valued op whose main output carries the channel
@@ -573,6 +611,11 @@ def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL,
     if name == "cat":
         return _cat_rule(u, m, d, is_out, imap, channels)
 
+    if name in _SPLIT:
+        if m is not u.args[0]:
+            raise _Reject(f"channel dim flows into {_where(u)} as a non-data argument")
+        return _split_rule(u, d, imap, channels, maps or {})
+
     if name == "_assert_tensor_metadata":
         if _arg(u, 1, "size") is not None or _arg(u, 2, "stride") is not None:
             raise _Reject(f"{_where(u)} asserts the size of a tensor that carries the channel")
@@ -598,19 +641,79 @@ def _cat_rule(u, m, d, is_out, imap, channels):
             raise _Reject(f"no shape metadata for input {getattr(t, 'name', t)} of {_where(u)}")
         sizes.append(st[dim])
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    offset, unit = imap
     if is_out:
         # the group's entries must come from one input: that input's group continues backwards
-        end = offset + (channels or 0) * unit
+        lo, hi = imap.offset, imap.end(channels or 0)
         for t, start, size in zip(tensors, starts, sizes):
-            if start <= offset and end <= start + size:
-                return [(t, dim, (offset - start, unit)), (u, dim, imap)], None
-        raise _Reject(f"channels {offset}..{end - 1} of {_where(u)} span several of its inputs "
+            if start <= lo and hi <= start + size:
+                return [(t, dim, imap.shifted(-start)), (u, dim, imap)], None
+        raise _Reject(f"channels {lo}..{hi - 1} of {_where(u)} span several of its inputs "
                       f"(a layer's channels would be split across groups)")
     hits = [i for i, t in enumerate(tensors) if t is m]
     if len(hits) != 1:
         raise _Reject(f"{m.name} is concatenated {len(hits)} times by {_where(u)}")
-    return [(m, dim, imap), (u, dim, (starts[hits[0]] + offset, unit))], None
+    return [(m, dim, imap), (u, dim, imap.shifted(starts[hits[0]]))], None
+
+
+def split_pieces(s: fx.Node) -> tuple[int, list[int]]:
+    """(dim, piece sizes) of a split / split_with_sizes / chunk / unbind node."""
+    name = _base_name(op_name(s))
+    sx = shape_of(s.args[0])
+    if sx is None:
+        raise _Reject(f"no shape metadata for the input of {_where(s)}")
+    dim = _norm_dim(int(_arg(s, 2 if name != "unbind" else 1, "dim", 0)), len(sx))
+    size = sx[dim]
+    if name == "unbind":
+        return dim, [1] * size
+    arg = s.args[1]
+    if name == "chunk":
+        step = -(-size // int(arg)) if size else 1
+        return dim, [min(step, size - i) for i in range(0, size, step)]
+    if isinstance(arg, (list, tuple)):
+        if not all(isinstance(z, int) for z in arg):
+            raise _Reject(f"{_where(s)}: symbolic piece sizes")
+        return dim, list(arg)
+    if not isinstance(arg, int) or arg <= 0:
+        raise _Reject(f"{_where(s)}: symbolic piece size")
+    return dim, [min(arg, size - i) for i in range(0, size, arg)]
+
+
+def _split_rule(s, d, imap, channels, maps, piece=None):
+    """split / chunk / unbind, reached from its input (piece None; d is the input's dim) or back
+    from the getitem of piece `piece` (d is the piece's dim). A split along the channel dim hands
+    each piece the channels inside it; a packed projection's parts (imap.reps) go one to a piece.
+    Role "split": prune_channels rewrites the piece sizes."""
+    x = s.args[0]
+    unbind = _base_name(op_name(s)) == "unbind"
+    dim, sizes = split_pieces(s)
+    pieces = [(int(g.args[1]), g) for g in s.users if op_name(g) == "getitem"]
+    dx = d + (1 if unbind and piece is not None and dim <= d else 0)
+    if dx != dim:   # along another dim: every piece carries the channels at the same place
+        dp = dx - (1 if unbind and dim < dx else 0)
+        return [(x, dx)] + [(g, dp) for _, g in pieces], "split"
+    if unbind:
+        raise _Reject(f"{_where(s)} unbinds the channel dim")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    xmap = imap if piece is None else maps.get(x)
+    if xmap is None:   # reached from one piece first: the group lies within that piece
+        return [(x, dx, imap.shifted(starts[piece]))], None
+    members = [(x, dx, xmap)]
+    if xmap.reps > 1:
+        part = IndexMap(xmap.offset, xmap.unit)
+        if len(sizes) != xmap.reps or set(sizes) != {xmap.stride} or part.end(channels) > xmap.stride:
+            raise _Reject(f"{_where(s)} splits the channel dim into {sizes}, not into the "
+                          f"{xmap.reps} parts of {xmap.stride} the channels repeat in")
+        return members + [(g, dx, part) for _, g in pieces], "split"
+    lo, hi = xmap.offset, xmap.end(channels)
+    for i, (start, size) in enumerate(zip(starts, sizes)):
+        if start <= lo and hi <= start + size:
+            return members + [(g, dx, xmap.shifted(-start)) for j, g in pieces if j == i], "split"
+    n = len(sizes)
+    if lo == 0 and hi == sum(sizes) and len(set(sizes)) == 1 and channels % n == 0:
+        raise _Coarser(f"{_where(s)} splits the channels into {n} equal parts (a packed projection; "
+                       f"followed as {n} parts)", [(1, n)])
+    raise _Reject(f"channels {lo}..{hi - 1} of {x.name} span several of the pieces {sizes} "
+                  f"{_where(s)} splits them into")
 
 
 def _reshape_rule(u, m, d, is_out, imap, channels):
@@ -625,7 +728,9 @@ def _reshape_rule(u, m, d, is_out, imap, channels):
     try:
         j, jmap = _follow_reshape(src, dst, d, imap, channels)
     except _Coarser as e:
-        raise _Coarser(f"{what} (it can be followed in blocks of {e.factor})", e.factor) from None
+        ways = ", ".join(f"blocks of {f}" if r == 1 else f"{r} parts" + (f" in blocks of {f}" if f > 1 else "")
+                         for f, r in e.requests)
+        raise _Coarser(f"{what} (it can be followed as {ways})", e.requests) from None
     except _Reject:
         raise _Reject(what) from None
     (din, map_in), (dout, map_out) = ((j, jmap), (d, imap)) if is_out else ((d, imap), (j, jmap))
@@ -667,30 +772,52 @@ def _follow_reshape(sin, sout, din, imap, channels) -> tuple[int, IndexMap]:
     """(dim, index map) in `sout` of the entries `imap` describes along dim `din` of `sin`.
 
     Within the aligned run of dims that holds din, the group's entries are, in row-major order, the
-    blocks [offset + j*unit, + unit) * inner of dim din, repeated once per index of the dims before
-    din (period sin[din] * inner). An output dim carries them when the dims after it span whole
-    blocks and it, with the dims after it, spans exactly one period. Raises _Coarser where one
-    would with larger blocks (a split into heads), else _Reject.
+    blocks [offset + r*stride + j*unit, + unit) * inner of dim din (r < reps), repeated once per
+    index of the dims before din (period sin[din] * inner). An output dim carries them
+      - with the same map (scaled by inner) when it, with the dims after it, spans one period and
+        the dims after it span whole blocks;
+      - as one part when the map has parts (a packed q|k|v) and it spans exactly one part: the
+        parts move to the dims before it (view [B, T, 3E] -> [B, T, 3, H, D]);
+      - as parts when it spans several periods: the dims before din that it takes in become the
+        parts (the reverse view). Never the batch dim 0: that would tie channels to the batch size.
+    Raises _Coarser with the maps that would get through (larger blocks: a split into heads; the
+    whole channel dim as 2-4 parts: a packed projection), else _Reject.
     """
     segs = _segments(sin, sout)
     if segs is None:
         raise _Reject("shapes do not align")
     run_in, run_out = next(seg for seg in segs if din in seg[0])
     inner_in = _prod(sin[din + 1: run_in.stop])
-    offset, unit = imap
-    start, width, period = offset * inner_in, unit * inner_in, sin[din] * inner_in
-    factor = None
+    start, width, period = imap.offset * inner_in, imap.unit * inner_in, sin[din] * inner_in
+    part = imap.stride * inner_in
+    no_batch = _prod(sin[max(run_in.start, 1): run_in.stop])   # the run without a leading dim 0
+    whole = imap.offset == 0 and imap.reps == 1 and channels * imap.unit == sin[din]
+    requests = []
     for j in run_out:
         inner = _prod(sout[j + 1: run_out.stop])
-        if sout[j] == 1 or sout[j] * inner != period:
+        span = sout[j] * inner
+        if sout[j] == 1:
             continue
-        if start % inner == 0 and width % inner == 0:
-            return j, (start // inner, width // inner)
+        aligned = start % inner == 0 and width % inner == 0 and part % inner == 0
         f = math.lcm(width, inner) // width
-        if offset == 0 and (channels is None or channels % f == 0):
-            factor = f
-    if factor is not None:
-        raise _Coarser("needs larger blocks", factor)
+        if span == period:
+            if aligned:
+                return j, IndexMap(start // inner, width // inner, imap.reps, part // inner)
+            if imap.offset == 0 and channels % f == 0:
+                requests.append((f, 1))
+        elif imap.reps > 1 and span == part and imap.reps * part == period:
+            if aligned and start + channels * width <= part:
+                return j, IndexMap(start // inner, width // inner)
+        elif imap.reps == 1 and span > period and span % period == 0 and span <= no_batch:
+            if aligned:
+                return j, IndexMap(start // inner, width // inner, span // period, period // inner)
+        elif whole and span < period and period % span == 0 and 2 <= period // span <= 4:
+            parts = period // span
+            g = f if start % inner or width % inner else 1
+            if channels % (g * parts) == 0:
+                requests.append((g, parts))
+    if requests:
+        raise _Coarser("needs a coarser map", requests)
     raise _Reject("not followed")
 
 
@@ -759,16 +886,18 @@ def _sdpa_rule(u, m, d, is_out, imap):
     q_map, kv_map = imap, imap
     if hq != hkv:
         rep = _gqa_repeat(u, hq, hkv)
-        offset, unit = imap
+        offset, unit = imap.offset, imap.unit
+        if imap.reps > 1:
+            raise _Reject(f"grouped-query attention {_where(u)} on heads in several parts")
         if m in (k, v) and m is not q:
-            q_map = (offset * rep, unit * rep)
+            q_map = IndexMap(offset * rep, unit * rep)
         elif offset % rep or unit % rep:
             # one kv head serves `rep` q heads: prune q heads in whole kv groups
             f = rep // math.gcd(unit, rep)
             raise _Coarser(f"grouped-query attention {_where(u)}: {hq} q heads share {hkv} k/v heads, "
-                           f"q heads are pruned in groups of {rep}", f)
+                           f"q heads are pruned in groups of {rep}", [(f, 1)])
         else:
-            kv_map = (offset // rep, unit // rep)
+            kv_map = IndexMap(offset // rep, unit // rep)
     members = [(q, d, q_map), (u, d, q_map), (k, d, kv_map), (v, d, kv_map)]
     sm = shape_of(mask) if isinstance(mask, fx.Node) else None
     if sm is not None and d - (r - len(sm)) >= 0 and sm[d - (r - len(sm))] != 1:
@@ -813,20 +942,20 @@ def _seed(node: fx.Node) -> Slot | None:
     return None
 
 
-def _walk(seed: Slot, nxg, unit: int = 1) -> tuple[ChannelGroup, int | None]:
-    """The group reached from `seed` with `unit` seed entries per channel, and the factor by which a
-    coarser unit would get past a split the walk could not follow (None if there was none)."""
+def _walk(seed: Slot, nxg, unit: int = 1, reps: int = 1) -> tuple[ChannelGroup, list]:
+    """The group reached from `seed` with `unit` seed entries per channel in each of `reps` equal
+    parts of the seed's dim, and the (factor, reps) requests of the splits it could not follow."""
     seed_shape = shape_of(seed[0])
     size = seed_shape[seed[1]] if seed_shape is not None else 0
-    channels = size // unit if size % unit == 0 else 0
+    channels = size // (unit * reps) if size % (unit * reps) == 0 else 0
     group = ChannelGroup(channels=channels, unit=unit, stamp=next_stamp())
     dims: dict[fx.Node, int] = {seed[0]: seed[1]}
     maps = group.maps
-    maps[seed[0]] = (0, unit)
+    maps[seed[0]] = IndexMap(0, unit, reps, size // reps if reps > 1 else 0)
     roles: dict[tuple[fx.Node, str], None] = {}
     queue = [seed]
     group.slots.append(seed)
-    factors: list[int] = []
+    requests: list[tuple[int, int]] = []
 
     def reject(reason: str) -> None:
         if reason not in group.reasons:
@@ -834,9 +963,9 @@ def _walk(seed: Slot, nxg, unit: int = 1) -> tuple[ChannelGroup, int | None]:
 
     def visit(u: fx.Node, slot: Slot) -> None:
         try:
-            members, role = _rule(u, slot, maps[slot[0]], channels)
+            members, role = _rule(u, slot, maps[slot[0]], channels, maps)
         except _Coarser as e:
-            factors.append(e.factor)
+            requests.extend(r for r in e.requests if r not in requests)
             reject(str(e))
             return
         except _Reject as e:
@@ -858,12 +987,12 @@ def _walk(seed: Slot, nxg, unit: int = 1) -> tuple[ChannelGroup, int | None]:
                 reject(f"node {n.name} carries the channel on two dims ({dims[n]} and {dn})")
             elif maps[n] != imap:
                 reject(f"node {n.name} carries the channel at two places along dim {dn} "
-                       f"(offset/unit {maps[n]} and {imap})")
+                       f"({_describe_map(maps[n])} and {_describe_map(imap)})")
             return False
         s = shape_of(n)
         # a tie that keeps the map joins dims of one size; a moved map must fit in its dim
         if len(member) > 2:
-            need = imap[0] + channels * imap[1]
+            need = imap.end(channels)
             ok = s is None or (dn < len(s) and s[dn] >= need)
         else:
             need = shape_of(slot[0])[slot[1]] if shape_of(slot[0]) is not None else None
@@ -894,19 +1023,32 @@ def _walk(seed: Slot, nxg, unit: int = 1) -> tuple[ChannelGroup, int | None]:
         reject(f"unknown channel count at {seed[0].name}")
     for n in [*group.producers, *group.consumers, *(u for u, _ in group.others)]:
         group.fqn_of(n)   # name members now, before a rewrite renames their weights
-    return group, (max(factors) if factors else None)
+    return group, requests
+
+
+def _describe_map(imap: IndexMap) -> str:
+    text = f"offset {imap.offset}, unit {imap.unit}"
+    return text + (f", {imap.reps} parts {imap.stride} apart" if imap.reps > 1 else "")
 
 
 def _walk_coarsening(seed: Slot, nxg) -> ChannelGroup:
-    """Walk from `seed`; where a split (heads) needs larger blocks, walk again with them."""
-    unit = 1
-    group, factor = _walk(seed, nxg, unit)
-    for _ in range(_MAX_RETRIES):
-        if group.prunable or factor is None:
-            break
-        unit *= factor
-        group, factor = _walk(seed, nxg, unit)
-    return group
+    """Walk from `seed`; where a split needs a coarser map (whole heads, the parts of a packed
+    projection), walk again with it, breadth first over the requests, up to _MAX_WALKS walks.
+    Returns the first prunable group, else the last one walked (its reasons are the report's)."""
+    queue, tried, deepest = [(1, 1)], set(), None
+    while queue and len(tried) < _MAX_WALKS:
+        unit, reps = queue.pop(0)
+        if (unit, reps) in tried:
+            continue
+        tried.add((unit, reps))
+        group, requests = _walk(seed, nxg, unit, reps)
+        if group.prunable:
+            return group
+        if deepest is None or len(group.slots) > len(deepest.slots):
+            deepest = group   # got furthest: its reasons name the real obstacle
+        # plain head blocks first (the largest), then packed parts
+        queue.extend((unit * f, reps * r) for f, r in sorted(requests, key=lambda q: (q[1], -q[0])))
+    return deepest
 
 
 def find_channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:

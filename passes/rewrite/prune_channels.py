@@ -4,10 +4,12 @@ For every channel group (analysis.channel_groups) that is prunable and whose mem
 a `Channel(keep, criterion)` weight pattern in the Config, score the channels, keep the best
 round(keep * C) (at least one) and slice every member of the group consistently: producer weight
 rows and biases, norm parameters and running statistics, depthwise conv weights (and their
-`groups`), per-channel parameters met on the way, layer_norm / view / expand size arguments, and the
-input columns of every consumer layer. A group channel may be a block of entries (a whole attention
-head: `unit` = head_dim) and may sit at an offset (an input of a concatenation): each slot's index
-map says which entries go.
+`groups`), per-channel parameters met on the way, layer_norm / view / expand size arguments, the
+piece sizes of a split along the channel dim (it becomes a split_with_sizes), and the input columns
+of every consumer layer. A group channel may be a block of entries (a whole attention head:
+`unit` = head_dim), may sit at an offset (an input of a concatenation) and may repeat in the parts
+of a packed projection (a head's rows of q, k and v in one q|k|v weight): each slot's index map
+says which entries go.
 
 Groups are found once and pruned one after another, so a group's offsets can be stale: pruning the
 first input of a cat shifts the second input's columns in the consumer. Every prune logs the entries
@@ -36,7 +38,8 @@ from sparsify.pipeline import PassContext, PassResult, register_pass
 
 from ..analysis import criteria
 from ..analysis.channel_groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec,
-                                       find_channel_groups, layer_fqn, next_stamp, op_name)
+                                       find_channel_groups, layer_fqn, next_stamp, op_name,
+                                       split_pieces)
 
 PASS = "prune_channels"
 RULE = "channel_group"
@@ -48,8 +51,7 @@ _SIZED = _VIEW | {"expand"}         # ops whose size argument names the channel 
 # ---- which entries a group's channels are, now ------------------------------------------------
 def _entries(group: ChannelGroup, node: fx.Node, dim: int, channels: torch.Tensor) -> torch.Tensor:
     """Indices along `dim` of `node`'s value, as the graph is now, of the group channels given."""
-    offset, unit = group.map_of(node)
-    idx = (offset + channels.long()[:, None] * unit + torch.arange(unit)).flatten()
+    idx = group.map_of(node).entries(channels)
     for stamp, d, removed in node.meta.get(_LOG, ()):
         if stamp <= group.stamp or d != dim:
             continue
@@ -258,8 +260,12 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
     drop = _complement(keep, C)
     plan = {(n, d): (_entries(group, n, d, drop), _size_now(gm, n, d)) for n, d in group.slots}
 
+    splits = [(u, *split_pieces(u)) for u, role in group.others if role == "split"]  # sizes before
+
     old_targets = _slice_params(gm, group, plan, detail)
     _fix_size_args(group, plan)
+    for u, dim, sizes in splits:
+        _fix_split(group, plan, u, dim, sizes)
     for (n, d), (removed, size) in plan.items():
         _fix_meta(n, d, size, size - removed.numel())
 
@@ -341,6 +347,28 @@ def _fix_size_args(group: ChannelGroup, plan: dict) -> None:
                 shape[d] -= r
                 n.update_arg(1, shape)
                 _note(n, f"{name} size {size} -> {size - r} at dim {d}")
+
+
+def _fix_split(group: ChannelGroup, plan: dict, node: fx.Node, dim: int, sizes: list[int]) -> None:
+    """A split / chunk / unbind whose input lost entries: along the split dim it becomes a
+    split_with_sizes with each piece's new size (a chunk count or an equal split size would no
+    longer describe the pieces); the value metadata follows either way."""
+    x = node.args[0]
+    dx = group.dim_of(x)
+    removed, size = plan[(x, dx)]
+    val = node.meta.get("val")
+    if dx != dim:
+        unbind = op_name(node) == "unbind"
+        if val is not None:
+            node.meta["val"] = _shrunk(val, dx - (1 if unbind and dim < dx else 0), size, size - removed.numel())
+        return
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    new = [n - int(((removed >= a) & (removed < a + n)).sum()) for a, n in zip(starts, sizes)]
+    node.target = torch.ops.aten.split_with_sizes.default
+    node.args, node.kwargs = (x, new, dim), {}
+    if isinstance(val, (list, tuple)) and len(val) == len(new):
+        node.meta["val"] = type(val)(_shrunk(v, dim, n, m) for v, n, m in zip(val, sizes, new))
+    _note(node, f"split sizes {sizes} -> {new} along dim {dim}")
 
 
 def _kept_inputs(node: fx.Node, plan: dict) -> tuple[torch.Tensor, int] | None:

@@ -27,7 +27,7 @@ def gen(request):
 def make_weight(n, k, block, density, gen, dtype, device, empty_row=None):
     """Random [n, k] weight whose nonzero blocks follow a random block mask of the given density.
     empty_row: a block-row index to leave with no block at all."""
-    nbr, nbc = triton.cdiv(n, block), triton.cdiv(k, block)
+    nbr = triton.cdiv(n, block)
     scores = torch.rand(n, k, generator=gen)
     mask = block_mask_from_scores(scores, block, density)
     if empty_row is not None:

@@ -188,22 +188,6 @@ def test_single_head_attention_contracting_the_channels_is_not_prunable():
     assert v.prunable and v.consumer_fqns == ["o"], "v's features pass through a @ v unchanged"
 
 
-def test_packed_qkv_projection_is_not_prunable():
-    class Packed(nn.Module):   # one Linear for q, k, v, split along the features
-        def __init__(self):
-            super().__init__()
-            self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
-
-        def forward(self, x):
-            B, T, _ = x.shape
-            q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
-            return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, 16))
-
-    gm = _capture(Packed(), _x((2, 5, 16)))
-    g = _group_of(find_channel_groups(gm), "qkv")
-    assert not g.prunable and g.reason
-
-
 # ---- through compile, and Hugging Face models -------------------------------------------------------
 def test_compile_with_channel_pattern_prunes_heads():
     model = MHA().eval()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sparsify
-from sparsify import Auto, Block, Config, NM, Unstructured
+from sparsify import Auto, Config, Unstructured
 from sparsify.passes.analysis import cost as cost_mod
 from tests.helpers import MLP, mlp_input
 
