@@ -25,17 +25,18 @@ c*H*W+H*W-1 of a following Linear); one that splits it rescales it back. A split
 follow with one channel per entry, such as the attention head split [B, T, H*D] -> [B, T, H, D],
 makes the walk retry from the same seed with a coarser unit (D: one group channel is one head),
 which couples q, k and v by head through scaled_dot_product_attention or matmul / softmax / matmul
-and the output projection's input features in blocks of D. A split (split, chunk, unbind) along the
-channel dim hands each piece the channels inside it (a concat split apart at other boundaries);
-where a producer's channels span all of its equal pieces, it is a packed projection (GPT-2's q|k|v,
-a gate|up FFN), and the walk retries with the seed's entries as that many parts: channel j is then
-entries j of each part, and each piece carries one part. A view into [.., 3, H, D] (timm's qkv)
-does the same through the map.
+and the output projection's input features in blocks of D. A split (split, chunk, unbind) or a
+slice along the channel dim hands each piece the channels inside it (a concat split apart at other
+boundaries); where a producer's channels span all of its equal pieces, it is a packed projection
+(GPT-2's q|k|v, a gate|up FFN), and the walk retries with the seed's entries as that many parts:
+channel j is then entries j of each part, and each piece carries one part. A view into
+[.., 3, H, D] (timm's qkv) does the same through the map.
 
 Whatever the walk does not understand ends the walk there and marks the group not prunable, with
 the reason (an op it does not know, a view that mixes the channel dim with the batch dim, a slice
-along the channel dim, a split into unequal parts that a producer's channels span (a packed
-grouped-query q|k|v), unbinding the channel dim, a grouped conv, the graph output, a graph input).
+or split that cuts through a layer's channels, a split into unequal parts that a producer's
+channels span (a packed grouped-query q|k|v), unbinding the channel dim, a grouped conv, the graph
+output, a graph input).
 """
 from __future__ import annotations
 
@@ -590,12 +591,30 @@ def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL, channels: int | None =
 
     if name == "slice":
         x = u.args[0]
-        dim = _norm_dim(int(_arg(u, 1, "dim", 0)), _rank(x))
         if m is not x and not is_out:
             raise _Reject(f"channel dim flows into {_where(u)} as a non-data argument")
-        if dim == d:
-            raise _Reject(f"{_where(u)} slices along the channel dim")
-        return [(x, d), (u, d)], None
+        dim, start, end, step = slice_bounds(u)
+        if dim != d:
+            return [(x, d), (u, d)], None
+        if step != 1:
+            raise _Reject(f"{_where(u)} slices the channel dim with step {step}")
+        xmap = imap if not is_out else (maps or {}).get(x)
+        if xmap is None:   # reached from the slice first: the group lies within it
+            return [(x, d, imap.shifted(start))], None
+        members = [(x, d, xmap)]
+        try:
+            inside = _inside(xmap, channels, start, end)
+        except _Reject:
+            size, width = shape_of(x)[d], end - start
+            if xmap == IndexMap(0, xmap.unit) and channels * xmap.unit == size and 0 < width < size \
+                    and size % width == 0 and start % width == 0 and channels % (size // width) == 0:
+                raise _Coarser(f"{_where(u)} takes part {start // width} of {size // width} equal parts of "
+                               f"the channels (a packed projection; followed as parts)", [(1, size // width)])
+            raise _Reject(f"{_where(u)} slices {start}..{end - 1} out of channels {xmap.offset}.."
+                          f"{xmap.end(channels) - 1}, cutting through them") from None
+        if inside is not None:
+            members.append((u, d, inside))
+        return members, "slice"   # prune_channels moves the bounds past the removed entries
 
     if name == "select":
         x = u.args[0]
@@ -678,6 +697,33 @@ def split_pieces(s: fx.Node) -> tuple[int, list[int]]:
     return dim, [min(arg, size - i) for i in range(0, size, arg)]
 
 
+def slice_bounds(u: fx.Node) -> tuple[int, int, int, int]:
+    """(dim, start, end, step) of an aten.slice node, clamped to its input's size like Python."""
+    sx = shape_of(u.args[0])
+    if sx is None:
+        raise _Reject(f"no shape metadata for the input of {_where(u)}")
+    dim = _norm_dim(int(_arg(u, 1, "dim", 0)), len(sx))
+    start, end, step = _arg(u, 2, "start", None), _arg(u, 3, "end", None), _arg(u, 4, "step", 1)
+    if not all(isinstance(v, int) or v is None for v in (start, end, step)):
+        raise _Reject(f"{_where(u)}: symbolic slice bounds")
+    start, end, _ = slice(start, end, step).indices(sx[dim])
+    return dim, start, max(start, end), step
+
+
+def _inside(xmap: IndexMap, channels: int, a: int, b: int) -> IndexMap | None:
+    """The map, within the piece [a, b) of a dim, of the group `xmap` describes on the whole dim:
+    None where no entry of the group lies in the piece. Raises _Reject where a part of the group
+    lies partly in it (the caller may know a coarser map that would not)."""
+    width = channels * xmap.unit
+    parts = [xmap.offset + r * xmap.stride for r in range(xmap.reps)]
+    inside = [lo for lo in parts if a <= lo and lo + width <= b]
+    if any(lo < b and lo + width > a for lo in parts if lo not in inside):
+        raise _Reject(f"entries {xmap.offset}..{xmap.end(channels) - 1} lie partly in {a}..{b - 1}")
+    if not inside:
+        return None
+    return IndexMap(inside[0] - a, xmap.unit, len(inside), xmap.stride if len(inside) > 1 else 0)
+
+
 def _split_rule(s, d, imap, channels, maps, piece=None):
     """split / chunk / unbind, reached from its input (piece None; d is the input's dim) or back
     from the getitem of piece `piece` (d is the piece's dim). A split along the channel dim hands
@@ -698,22 +744,21 @@ def _split_rule(s, d, imap, channels, maps, piece=None):
     if xmap is None:   # reached from one piece first: the group lies within that piece
         return [(x, dx, imap.shifted(starts[piece]))], None
     members = [(x, dx, xmap)]
-    if xmap.reps > 1:
-        part = IndexMap(xmap.offset, xmap.unit)
-        if len(sizes) != xmap.reps or set(sizes) != {xmap.stride} or part.end(channels) > xmap.stride:
-            raise _Reject(f"{_where(s)} splits the channel dim into {sizes}, not into the "
-                          f"{xmap.reps} parts of {xmap.stride} the channels repeat in")
-        return members + [(g, dx, part) for _, g in pieces], "split"
-    lo, hi = xmap.offset, xmap.end(channels)
-    for i, (start, size) in enumerate(zip(starts, sizes)):
-        if start <= lo and hi <= start + size:
-            return members + [(g, dx, xmap.shifted(-start)) for j, g in pieces if j == i], "split"
+    try:
+        for i, g in pieces:
+            inside = _inside(xmap, channels, starts[i], starts[i] + sizes[i])
+            if inside is not None:
+                members.append((g, dx, inside))
+        return members, "split"
+    except _Reject:
+        pass
     n = len(sizes)
-    if lo == 0 and hi == sum(sizes) and len(set(sizes)) == 1 and channels % n == 0:
+    if xmap == IndexMap(0, xmap.unit) and channels * xmap.unit == sum(sizes) and len(set(sizes)) == 1 \
+            and channels % n == 0:
         raise _Coarser(f"{_where(s)} splits the channels into {n} equal parts (a packed projection; "
                        f"followed as {n} parts)", [(1, n)])
-    raise _Reject(f"channels {lo}..{hi - 1} of {x.name} span several of the pieces {sizes} "
-                  f"{_where(s)} splits them into")
+    raise _Reject(f"channels {xmap.offset}..{xmap.end(channels) - 1} of {x.name} span several of the "
+                  f"pieces {sizes} {_where(s)} splits them into")
 
 
 def _reshape_rule(u, m, d, is_out, imap, channels):

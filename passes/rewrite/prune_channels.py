@@ -39,7 +39,7 @@ from sparsify.pipeline import PassContext, PassResult, register_pass
 from ..analysis import criteria
 from ..analysis.channel_groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec,
                                        find_channel_groups, layer_fqn, next_stamp, op_name,
-                                       split_pieces)
+                                       slice_bounds, split_pieces)
 
 PASS = "prune_channels"
 RULE = "channel_group"
@@ -260,12 +260,16 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
     drop = _complement(keep, C)
     plan = {(n, d): (_entries(group, n, d, drop), _size_now(gm, n, d)) for n, d in group.slots}
 
-    splits = [(u, *split_pieces(u)) for u, role in group.others if role == "split"]  # sizes before
+    # piece sizes and slice bounds as they are before anything changes
+    splits = [(u, *split_pieces(u)) for u, role in group.others if role == "split"]
+    slices = [(u, *slice_bounds(u)) for u, role in group.others if role == "slice"]
 
     old_targets = _slice_params(gm, group, plan, detail)
     _fix_size_args(group, plan)
     for u, dim, sizes in splits:
         _fix_split(group, plan, u, dim, sizes)
+    for u, dim, start, end, step in slices:
+        _fix_slice(group, plan, u, dim, start, end, step)
     for (n, d), (removed, size) in plan.items():
         _fix_meta(n, d, size, size - removed.numel())
 
@@ -369,6 +373,17 @@ def _fix_split(group: ChannelGroup, plan: dict, node: fx.Node, dim: int, sizes: 
     if isinstance(val, (list, tuple)) and len(val) == len(new):
         node.meta["val"] = type(val)(_shrunk(v, dim, n, m) for v, n, m in zip(val, sizes, new))
     _note(node, f"split sizes {sizes} -> {new} along dim {dim}")
+
+
+def _fix_slice(group: ChannelGroup, plan: dict, node: fx.Node, dim: int, start: int, end: int,
+               step: int) -> None:
+    """A slice along the channel dim of an input that lost entries: its bounds move past them."""
+    x = node.args[0]
+    removed, _ = plan[(x, group.dim_of(x))]
+    new_start = start - int((removed < start).sum())
+    new_end = end - int((removed < end).sum())
+    node.args, node.kwargs = (x, dim, new_start, new_end, step), {}
+    _note(node, f"slice {start}:{end} -> {new_start}:{new_end} along dim {dim}")
 
 
 def _kept_inputs(node: fx.Node, plan: dict) -> tuple[torch.Tensor, int] | None:

@@ -24,8 +24,9 @@ E, H, D = 32, 4, 8
 
 class PackedAttention(nn.Module):
     """One Linear makes q, k and v; `how` takes them apart:
-    "split": .split(E, -1) (GPT-2), "chunk": .chunk(3, -1), "unbind": view [B, T, 3, H, D],
-    permute, unbind (timm ViT), "interleaved": view [B, T, H, 3D], split the last dim (GPT-NeoX)."""
+    "split": .split(E, -1) (GPT-2), "chunk": .chunk(3, -1), "slice": p[..., :E], p[..., E:2E],
+    p[..., 2E:] (Phi-3), "unbind": view [B, T, 3, H, D], permute, unbind (timm ViT),
+    "interleaved": view [B, T, H, 3D], split the last dim (GPT-NeoX)."""
 
     def __init__(self, how="split", attn="sdpa"):
         super().__init__()
@@ -42,6 +43,8 @@ class PackedAttention(nn.Module):
         if self.how in ("split", "chunk"):
             parts = p.split(E, dim=-1) if self.how == "split" else p.chunk(3, dim=-1)
             q, k, v = (self._heads(t, B, T) for t in parts)
+        elif self.how == "slice":
+            q, k, v = (self._heads(t, B, T) for t in (p[..., :E], p[..., E:2 * E], p[..., 2 * E:]))
         elif self.how == "unbind":
             q, k, v = p.view(B, T, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         else:
@@ -95,7 +98,7 @@ def _head_rows(how, h):
 
 
 # ---- packed q|k|v ------------------------------------------------------------------------------
-@pytest.mark.parametrize("how", ["split", "chunk", "unbind", "interleaved"])
+@pytest.mark.parametrize("how", ["split", "chunk", "slice", "unbind", "interleaved"])
 def test_packed_qkv_groups_one_head_across_its_three_parts(how):
     model = PackedAttention(how).eval()
     gm = _capture(model, _x())
@@ -110,7 +113,7 @@ def test_packed_qkv_groups_one_head_across_its_three_parts(how):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "matmul"])
-@pytest.mark.parametrize("how", ["split", "chunk", "unbind", "interleaved"])
+@pytest.mark.parametrize("how", ["split", "chunk", "slice", "unbind", "interleaved"])
 def test_pruning_packed_qkv_heads_equals_masking_them(how, attn):
     model = PackedAttention(how, attn).eval()
     x = _x()
@@ -232,6 +235,29 @@ def test_split_along_another_dim_carries_the_channels_into_every_piece():
     torch.testing.assert_close(_out(gm(x)), ref, atol=1e-5, rtol=1e-5)
 
 
+class CatSlice(CatSplit):
+    """The same as CatSplit with slices: y[:, :6] to c, y[:, 6:] to d."""
+
+    def forward(self, x):
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        return self.c(y[:, :6]) + self.d(y[:, 6:])
+
+
+def test_cat_then_slices_move_their_bounds_past_pruned_channels():
+    model = CatSlice().eval()
+    x = _x((2, 3, 6, 6))
+    gm = _capture(model, x)
+    b = _group_of(gm, "b")
+    assert not b.prunable and "cutting through them" in b.reason
+    a = _group_of(gm, "a")
+    assert a.prunable and a.consumer_fqns == ["c"], a.reason
+    prune_channel_group(gm, a, [0, 3])
+    bounds = sorted(tuple(n.args[2:4]) for n in gm.graph.nodes if n.target == aten.slice.Tensor and n.args[1] == 1)
+    assert bounds == [(0, 4), (4, 8)], "the first slice lost 2 of a's channels; the second starts 2 earlier"
+    ref = _masked_columns(model, "c", [1, 2])(x)
+    torch.testing.assert_close(_out(gm(x)), ref, atol=1e-5, rtol=1e-5)
+
+
 # ---- what is still refused ----------------------------------------------------------------------
 def test_packed_qkv_with_grouped_query_parts_is_not_prunable():
     class PackedGQA(nn.Module):   # q | k | v of sizes E, E/2, E/2: the parts are not equal
@@ -267,6 +293,20 @@ def test_unbinding_the_channel_dim_is_not_prunable():
     assert not g.prunable and "unbinds the channel dim" in g.reason
 
 
+def test_slice_cutting_through_a_layers_channels_is_not_prunable():
+    class Cut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p, self.o = nn.Linear(E, 10), nn.Linear(7, E)
+
+        def forward(self, x):
+            return self.o(self.p(x)[..., 3:])
+
+    gm = _capture(Cut(), _x())
+    g = _group_of(gm, "p")
+    assert not g.prunable and "slices 3..9 out of channels 0..9" in g.reason
+
+
 # ---- Hugging Face GPT-2: Conv1D (addmm) with a packed c_attn split into q, k, v ----------------
 @pytest.mark.slow
 def test_hf_gpt2_heads_prune_and_equal_masking():
@@ -289,6 +329,32 @@ def test_hf_gpt2_heads_prune_and_equal_masking():
                 masked.h[layer].attn.c_proj.weight[h * 16:(h + 1) * 16] = 0
     assert tuple(_weight(gm, "h.0.attn.c_attn").shape) == (64, 3 * 32)
     assert tuple(_weight(gm, "h.1.attn.c_proj").shape) == (48, 64)
+    y = gm(ids)
+    y = y.last_hidden_state if hasattr(y, "last_hidden_state") else _out(y)
+    torch.testing.assert_close(y, masked(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
+
+
+# ---- Hugging Face Phi-3: packed qkv_proj taken apart by slices, packed gate_up_proj by chunk -------
+@pytest.mark.slow
+def test_hf_phi3_packed_attention_and_ffn_prune_and_equal_masking():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+                                  pad_token_id=0, bos_token_id=0, eos_token_id=0, use_cache=False)
+    model = transformers.Phi3Model(cfg).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    gm = _capture(model, ids)
+    attn = _group_of(gm, "layers.0.self_attn.qkv_proj")
+    assert attn.prunable and attn.channels == 4 and attn.unit == 16, attn.reason
+    prune_channel_group(gm, attn, [0, 2])
+    ffn = _group_of(gm, "layers.0.mlp.gate_up_proj")
+    assert ffn.prunable and ffn.channels == 96, ffn.reason
+    keep = list(range(0, 96, 3))
+    prune_channel_group(gm, ffn, keep)
+    assert tuple(_weight(gm, "layers.0.self_attn.qkv_proj").shape) == (3 * 32, 64)
+    assert tuple(_weight(gm, "layers.0.mlp.gate_up_proj").shape) == (2 * 32, 64)
+    masked = _masked_columns(model, "layers.0.self_attn.o_proj", _head_columns([1, 3], 16))
+    masked = _masked_columns(masked, "layers.0.mlp.down_proj", [c for c in range(96) if c not in keep])
     y = gm(ids)
     y = y.last_hidden_state if hasattr(y, "last_hidden_state") else _out(y)
     torch.testing.assert_close(y, masked(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
