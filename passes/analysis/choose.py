@@ -225,6 +225,15 @@ def _plan_channel_layer(lp: LayerPlan, requested: Channel, ctx: PassContext) -> 
         lp.reason = (f"channel pruned: kept {done['kept']}/{done['channels']} {what} together with "
                      f"{', '.join(done['members'][:6])}; shapes above are the pruned ones; speed is checked "
                      f"at model level (verification), not per layer")
+        if done.get("consumer_error") is not None:
+            # the layer err column: where the pruned channels are read
+            lp.layer_error = done["consumer_error"]
+            lp.reason += (f"; output error of {done['consumer']}, which reads these channels: "
+                          f"{done['consumer_error']:.3g} (calibration batch; this group and those pruned "
+                          f"before it)")
+        else:
+            lp.reason += ("; the output error where these channels are read is not measured (no calibration "
+                          "batch, or an earlier prune already changed that layer's output shape)")
     elif skipped is not None:
         lp.reason = f"channel pruning not applied: {skipped}"
     else:

@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from sparsify import ir
+from sparsify.metrics import rel_l2
 from sparsify.patterns import Channel
 from sparsify.pipeline import PassContext, PassResult, register_pass
 
@@ -401,6 +402,55 @@ def _arg_bias(node: fx.Node):
     return node.args[spec[3]]
 
 
+# ---- what pruning costs at the consumers -----------------------------------------------------
+_recording: dict | None = None
+
+
+def _hand_out(value, key: str):
+    """Called by a temporary graph node: keep a copy of the value the node before it computed."""
+    if _recording is not None and isinstance(value, torch.Tensor):
+        _recording[key] = value.detach().clone()
+    return value
+
+
+def node_values(gm: fx.GraphModule, nodes, args, kwargs) -> dict[str, torch.Tensor]:
+    """The values of `nodes` (by name) when `gm` runs on (args, kwargs). A recording node is put
+    after each one for the run and taken out again, so any capture's calling convention works."""
+    global _recording
+    added = []
+    for n in nodes:
+        with gm.graph.inserting_after(n):
+            added.append(gm.graph.call_function(_hand_out, (n, n.name)))
+    gm.recompile()
+    _recording = {}
+    try:
+        with torch.no_grad():
+            gm(*args, **kwargs)
+        return _recording
+    finally:
+        _recording = None
+        for a in added:
+            gm.graph.erase_node(a)
+        gm.recompile()
+
+
+def _measure(gm: fx.GraphModule, group: ChannelGroup, dense: dict, ctx: PassContext, records: list) -> None:
+    """Run the calibration batch on the graph just pruned (it must still run) and record the largest
+    relative output error of the group's consumers against the unpruned graph (this group and the
+    ones pruned before it)."""
+    try:
+        after = node_values(gm, group.consumers, *ctx.calibration[0])
+    except Exception as e:
+        raise RuntimeError(f"after pruning channel group {group.name}, the graph no longer runs on the "
+                           f"calibration batch: {type(e).__name__}: {e}") from e
+    errors = [(rel_l2(after[n.name], dense[n.name]), group.fqn_of(n)) for n in group.consumers
+              if n.name in after and n.name in dense and after[n.name].shape == dense[n.name].shape]
+    if errors:
+        err, where = max(errors)
+        for record in records:
+            record.update(consumer_error=err, consumer=ctx.full_fqn(where))
+
+
 # ---- the pass -------------------------------------------------------------------------------
 def _already_pruned(group: ChannelGroup) -> bool:
     # the seed only: another producer may own other channels too (a residual meeting a concat)
@@ -415,6 +465,9 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     skipped = ctx.state.setdefault("channel_groups_skipped", {})
     done = ctx.state.setdefault("channel_groups_pruned", {})
     pruned, removed = 0, 0
+    # consumer outputs before any pruning, to state what each pruned group costs where it is read
+    watched = [n for g in groups if g.prunable for n in g.consumers]
+    dense = node_values(gm, watched, *ctx.calibration[0]) if ctx.calibration and watched else {}
     for g in groups:
         producers = [ctx.full_fqn(f) for f in g.producer_fqns]
         if not g.prunable:
@@ -454,14 +507,9 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if info is not None and ir.STATS in n.meta and "stats" in ctx.state:
                 ctx.state["stats"][info.fqn] = n.meta[ir.STATS]
         pruned += 1
-    if pruned and ctx.calibration:
-        args, kwargs = ctx.calibration[0]
-        try:
-            with torch.no_grad():
-                gm(*args, **kwargs)
-        except Exception as e:
-            raise RuntimeError(f"the pruned graph no longer runs on the calibration batch: "
-                               f"{type(e).__name__}: {e}") from e
+        if ctx.calibration:
+            # now, before a later group shrinks these consumers' own outputs
+            _measure(gm, g, dense, ctx, [done[f] for f in producers])
     return PassResult(gm, modified=bool(pruned),
                       info={"groups": len(groups), "pruned": pruned, "params_removed": removed,
                             "skipped": sum(not g.prunable for g in groups)})

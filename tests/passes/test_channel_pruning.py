@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import sparsify
 from sparsify import ir
 from sparsify.capture import capture
+from sparsify.metrics import rel_l2
 from sparsify.passes.analysis.channel_groups import find_channel_groups
 from sparsify.passes.rewrite import prune_channels as pc  # noqa: F401  (registers the "prune_channels" pass)
 from sparsify.passes.rewrite.prune_channels import channel_scores, prune_channel_group
@@ -543,6 +544,43 @@ def test_pass_respects_per_layer_patterns_and_keep_one():
     assert list(ctx.state["channel_groups_pruned"]) == ["conv1"]
     assert "member layer stem has weight pattern Dense()" in ctx.state["channel_groups_skipped"]["conv2"]
     torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_report_states_the_output_error_where_pruned_channels_are_read():
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1, self.fc2, self.out = nn.Linear(12, 16), nn.Linear(16, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.out(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+    model = MLP().eval()
+    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
+    # every member of a group must ask for Channel: fc2's group includes its consumer `out`
+    cfg = sparsify.Config(weight=sparsify.Channel(0.5), force=True)
+    sm = sparsify.compile(model, x, cfg)
+    assert "reaches the graph output" in sm.plan.layers["out"].reason
+    # the expected numbers: mask what was pruned in a copy, compare the consumers' outputs
+    kept1 = torch.sort(model.fc1.weight.detach().norm(dim=1).topk(8).indices).values
+    # fc2's rows are scored as they are after fc1's group was pruned (without fc1's dropped columns)
+    kept2 = torch.sort(model.fc2.weight.detach()[:, kept1].norm(dim=1).topk(6).indices).values
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        masked.fc2.weight[:, [c for c in range(16) if c not in kept1]] = 0
+        masked.out.weight[:, [c for c in range(12) if c not in kept2]] = 0
+    with torch.no_grad():
+        h, hm = F.relu(model.fc1(x)), F.relu(masked.fc1(x))
+        expected = {"fc1": rel_l2(masked.fc2(hm), model.fc2(h)),
+                    "fc2": rel_l2(masked.out(F.relu(masked.fc2(hm))), model.out(F.relu(model.fc2(h))))}
+    for fqn, consumer in (("fc1", "fc2"), ("fc2", "out")):
+        lp = sm.plan.layers[fqn]
+        assert lp.status == "pruned"
+        assert lp.layer_error == pytest.approx(expected[fqn], rel=1e-4)
+        assert f"output error of {consumer}, which reads these channels" in lp.reason
+    assert sm.plan.layers["out"].layer_error is None
+    torch.testing.assert_close(sm(x), masked(x), atol=1e-5, rtol=1e-5)
 
 
 def test_addmm_transposed_weight_is_sliced_on_the_right_dims():
