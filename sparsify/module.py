@@ -212,12 +212,12 @@ class SparseModule(nn.Module):
         compiled model against dense on the first calibration batch and give up if it is slower."""
         if not self.config.check_model_speed or self.config.force or not self.plan.sparse_layers() or not batches:
             return  # force means "sparse even where slower": the user asked for it
-        from .passes.analysis.cost import measure_ms
+        from .passes.analysis.cost import compare_ms
 
         args, kwargs = batches[0]
         self._say("time the compiled model against dense end to end")
-        dense_ms = measure_ms(lambda: self._model(*args, **kwargs), self.device, self.config.timing_repeats)
-        sparse_ms = measure_ms(lambda: cap.root(*args, **kwargs), self.device, self.config.timing_repeats)
+        dense_ms, sparse_ms = compare_ms([lambda: self._model(*args, **kwargs), lambda: cap.root(*args, **kwargs)],
+                                         self.device, self.config.timing_repeats)
         self.plan.model_dense_ms, self.plan.model_sparse_ms = dense_ms, sparse_ms
         if sparse_ms <= dense_ms:
             return

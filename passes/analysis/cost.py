@@ -87,36 +87,47 @@ def measure_ms(fn, device: torch.device, repeats: int = 20) -> float:
     ~0.1 ms of host launch cost per call, which is exactly the overhead a sparse op pays inside a model.
     CPU: the minimum of `repeats` single calls (preemption on a shared machine only ever adds time).
     """
+    return compare_ms([fn], device, repeats)[0]
+
+
+def compare_ms(fns, device: torch.device, repeats: int = 20) -> list[float]:
+    """`measure_ms` of several functions, measured interleaved (a, b, a, b, ...): a shared machine's
+    drift (clock, other load) between two measurements would otherwise decide a close comparison."""
     with torch.no_grad():
         if device.type == "cuda":
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize(device)
-            once = time.perf_counter() - t0
-            calls = max(5, min(200, int(0.01 / max(once, 1e-6))))  # ~10 ms per run
-            runs = []
-            for _ in range(5):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
+            calls = []
+            for fn in fns:
+                for _ in range(3):
                     fn()
-                end.record()
-                end.synchronize()
-                runs.append(start.elapsed_time(end) / calls)
-            return sorted(runs)[2]
-        for _ in range(2):
-            fn()
-        samples = []
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize(device)
+                once = time.perf_counter() - t0
+                calls.append(max(5, min(200, int(0.01 / max(once, 1e-6)))))  # ~10 ms per run
+            runs = [[] for _ in fns]
+            for _ in range(5):
+                for fn, n, out in zip(fns, calls, runs):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(n):
+                        fn()
+                    end.record()
+                    end.synchronize()
+                    out.append(start.elapsed_time(end) / n)
+            return [sorted(r)[2] for r in runs]
+        for fn in fns:
+            for _ in range(2):
+                fn()
+        samples = [[] for _ in fns]
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            for fn, out in zip(fns, samples):
+                t0 = time.perf_counter()
+                fn()
+                out.append((time.perf_counter() - t0) * 1e3)
         # Minimum, not median: on a shared CPU, preemption only ever adds time, and a noisy sample
         # cached on disk would decide layers for good.
-        return min(samples)
+        return [min(s) for s in samples]
 
 
 
