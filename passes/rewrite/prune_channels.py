@@ -465,9 +465,7 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     skipped = ctx.state.setdefault("channel_groups_skipped", {})
     done = ctx.state.setdefault("channel_groups_pruned", {})
     pruned, removed = 0, 0
-    # consumer outputs before any pruning, to state what each pruned group costs where it is read
-    watched = [n for g in groups if g.prunable for n in g.consumers]
-    dense = node_values(gm, watched, *ctx.calibration[0]) if ctx.calibration and watched else {}
+    dense = None   # consumer outputs before any pruning: taken only once something will be pruned
     for g in groups:
         producers = [ctx.full_fqn(f) for f in g.producer_fqns]
         if not g.prunable:
@@ -495,6 +493,9 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             continue
         ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels"
                 + (f" of {g.unit} entries (heads)" if g.unit > 1 else ""))
+        if dense is None and ctx.calibration:
+            # to state what each pruned group costs where it is read
+            dense = node_values(gm, [n for h in groups if h.prunable for n in h.consumers], *ctx.calibration[0])
         s = channel_scores(gm, g, chosen.criterion, seed=ctx.config.seed)
         keep_idx = torch.sort(s.topk(k).indices).values
         summary = prune_channel_group(gm, g, keep_idx)
@@ -507,7 +508,7 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
             if info is not None and ir.STATS in n.meta and "stats" in ctx.state:
                 ctx.state["stats"][info.fqn] = n.meta[ir.STATS]
         pruned += 1
-        if ctx.calibration:
+        if dense is not None:
             # now, before a later group shrinks these consumers' own outputs
             _measure(gm, g, dense, ctx, [done[f] for f in producers])
     return PassResult(gm, modified=bool(pruned),

@@ -662,3 +662,13 @@ def test_convnext_block_couples_permute_layernorm_layer_scale_and_residual():
     assert layers["head"].weight_shape == (3, 4)
     ln = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.layer_norm.default)
     assert list(ln.args[1]) == [4]
+
+
+def test_pass_runs_no_calibration_forward_when_nothing_is_pruned(monkeypatch):
+    # prune_channels is in the default pipeline: without Channel patterns it must cost no forward
+    runs = []
+    monkeypatch.setattr(pc, "node_values", lambda *a, **k: runs.append(a) or {})
+    x = _x()
+    gm = _capture(ResNetish().eval(), x)
+    sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, _ctx(sparsify.Config(), x))
+    assert runs == []
