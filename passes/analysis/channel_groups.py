@@ -70,6 +70,10 @@ class IndexMap(NamedTuple):
         """One past the last entry of the group's channels."""
         return self.offset + (self.reps - 1) * self.stride + channels * self.unit
 
+    def covers(self, channels: int, size: int) -> bool:
+        """The group is the whole dim of `size` entries, in one part: it may be re-cut into parts."""
+        return self == IndexMap(0, self.unit) and channels * self.unit == size
+
     def shifted(self, by: int) -> "IndexMap":
         return self._replace(offset=self.offset + by)
 
@@ -606,7 +610,7 @@ def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL, channels: int | None =
             inside = _inside(xmap, channels, start, end)
         except _Reject:
             size, width = shape_of(x)[d], end - start
-            if xmap == IndexMap(0, xmap.unit) and channels * xmap.unit == size and 0 < width < size \
+            if xmap.covers(channels, size) and 0 < width < size \
                     and size % width == 0 and start % width == 0 and channels % (size // width) == 0:
                 raise _Coarser(f"{_where(u)} takes part {start // width} of {size // width} equal parts of "
                                f"the channels (a packed projection; followed as parts)", [(1, size // width)])
@@ -753,8 +757,7 @@ def _split_rule(s, d, imap, channels, maps, piece=None):
     except _Reject:
         pass
     n = len(sizes)
-    if xmap == IndexMap(0, xmap.unit) and channels * xmap.unit == sum(sizes) and len(set(sizes)) == 1 \
-            and channels % n == 0:
+    if xmap.covers(channels, sum(sizes)) and len(set(sizes)) == 1 and channels % n == 0:
         raise _Coarser(f"{_where(s)} splits the channels into {n} equal parts (a packed projection; "
                        f"followed as {n} parts)", [(1, n)])
     raise _Reject(f"channels {xmap.offset}..{xmap.end(channels) - 1} of {x.name} span several of the "
@@ -836,7 +839,7 @@ def _follow_reshape(sin, sout, din, imap, channels) -> tuple[int, IndexMap]:
     start, width, period = imap.offset * inner_in, imap.unit * inner_in, sin[din] * inner_in
     part = imap.stride * inner_in
     no_batch = _prod(sin[max(run_in.start, 1): run_in.stop])   # the run without a leading dim 0
-    whole = imap.offset == 0 and imap.reps == 1 and channels * imap.unit == sin[din]
+    whole = imap.covers(channels, sin[din])
     requests = []
     for j in run_out:
         inner = _prod(sout[j + 1: run_out.stop])
