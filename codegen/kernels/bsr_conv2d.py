@@ -52,10 +52,9 @@ import triton.language as tl
 
 from sparsify.codegen import runtime
 from sparsify.codegen.kernels._host import cdiv
-from sparsify.codegen.kernels._checks import check_epilogue, check_out, resolve_out_dtype
 from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
+from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, resolve_out_dtype
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
-from sparsify.codegen.kernels._checks import describe
 from sparsify.codegen.kernels.bsr_linear import BlockGridStats, _block_grid, _check_block, _unpack
 
 # Part of the cost-cache key: bump when the kernel's code or launch heuristics change.

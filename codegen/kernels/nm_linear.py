@@ -212,6 +212,19 @@ def unpack_nm(w: NMWeight) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order (Triton tutorial 03): consecutive programs
+    share x rows and W columns in L2. A 1-D grid also has no 65535 limit on the M dimension."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_size, (pid % per_group) // group_size
+
+
+@triton.jit
 def expand_nm_tile(v_rows, meta_rows, g, pos, w_mask, w_tile,
                    KEEP: tl.constexpr, BITS: tl.constexpr, ONE_BYTE: tl.constexpr):
     """Expand compressed n:m weights to the dense tile `w_tile` (zeros, [rows, cols]) in registers.
@@ -259,16 +272,7 @@ def _nm_linear_kernel(
     multiplies bfloat16 bit patterns (triton-lang/triton#11584, "not supported yet"). bf16 x bf16
     products are exact in float32, so the result is what the GPU's bf16 dot computes.
     """
-    # Grouped program order (Triton tutorial 03): consecutive programs share x rows and W columns
-    # in L2. A 1-D grid also has no 65535 limit on the M dimension.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,14 +328,7 @@ def _nm24_linear_kernel(
     about the order of K, so nothing is interleaved. V_COLS / META_COLS: the row widths of values
     and meta (the masks past the row end; past K the values are zero and x is masked).
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     QK: tl.constexpr = BLOCK_K // 4
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
