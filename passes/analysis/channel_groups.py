@@ -15,8 +15,8 @@ channel dim of both operands and the output unless an operand broadcasts there. 
 connected component of slots reached from a producer's output slot, walking the networkx view of
 the graph (`ir.to_networkx`) both ways: from a slot to the op that defines it and to every user.
 
-A slot also carries an *index map* (`IndexMap`): group channel j is the `unit` consecutive entries
-starting at `offset + j * unit` along `dim`, in each of `reps` parts `stride` apart. Most ops pass
+A slot also carries an *index map* (`IndexMap`): a list of parts (offset, unit), group channel j
+being the `unit` consecutive entries from `offset + j * unit` along `dim` in every part. Most ops pass
 the map through unchanged; four change it. Concatenation along the channel dim shifts it (input i
 of `cat([a, b], 1)` sits at offset `a.size(1)` of the output, so the consumer's input columns of
 b's group start there; every cat input stays its own group). A view that merges the channel dim
@@ -29,14 +29,15 @@ and the output projection's input features in blocks of D. A split (split, chunk
 slice along the channel dim hands each piece the channels inside it (a concat split apart at other
 boundaries); where a producer's channels span all of its equal pieces, it is a packed projection
 (GPT-2's q|k|v, a gate|up FFN), and the walk retries with the seed's entries as that many parts:
-channel j is then entries j of each part, and each piece carries one part. A view into
-[.., 3, H, D] (timm's qkv) does the same through the map.
+channel j is then entries j of each part, and each piece carries one part. The parts need not be
+equal: a grouped-query q|k|v of sizes [4D, D, D] becomes parts of units 4u, u, u, so that once
+coarsened to heads one channel is a k/v head with the 4 q heads it serves. A view into
+[.., 3, H, D] (timm's qkv) does the same through the map (equal parts only).
 
 Whatever the walk does not understand ends the walk there and marks the group not prunable, with
 the reason (an op it does not know, a view that mixes the channel dim with the batch dim, a slice
-or split that cuts through a layer's channels, a split into unequal parts that a producer's
-channels span (a packed grouped-query q|k|v), unbinding the channel dim, a grouped conv, the graph
-output, a graph input).
+or split that cuts through a layer's channels, pieces that share no common block of channels
+(split [3, 7]), unbinding the channel dim, a grouped conv, the graph output, a graph input).
 """
 from __future__ import annotations
 
@@ -57,31 +58,71 @@ Slot = tuple  # (fx.Node, int)
 
 
 class IndexMap(NamedTuple):
-    """Where a group's channels sit along a dim: channel j is the `unit` entries from
-    offset + j*unit, repeated `reps` times `stride` entries apart. reps > 1 is a packed projection
-    (q|k|v or gate|up in one weight): one head is an entry range in each of the parts."""
+    """Where a group's channels sit along a dim, as parts of (offset, unit): channel j is the `unit`
+    entries from offset + j*unit in every part. One part is the common case; several parts are a
+    packed projection (q|k|v or gate|up in one weight): one head is an entry range in each part.
+    The parts of a grouped-query q|k|v have different units (a kv group is `rep` q heads but one
+    k head and one v head)."""
 
-    offset: int = 0
-    unit: int = 1
-    reps: int = 1
-    stride: int = 0
+    parts: tuple = ((0, 1),)
+
+    @staticmethod
+    def block(offset: int = 0, unit: int = 1) -> "IndexMap":
+        return IndexMap(((offset, unit),))
+
+    @staticmethod
+    def repeated(offset: int, unit: int, reps: int, stride: int) -> "IndexMap":
+        return IndexMap(tuple((offset + r * stride, unit) for r in range(reps)))
+
+    @property
+    def start(self) -> int:
+        """The first entry of the group's channels."""
+        return min(o for o, _ in self.parts)
+
+    @property
+    def single(self) -> bool:
+        return len(self.parts) == 1
 
     def end(self, channels: int) -> int:
         """One past the last entry of the group's channels."""
-        return self.offset + (self.reps - 1) * self.stride + channels * self.unit
+        return max(o + channels * u for o, u in self.parts)
 
     def covers(self, channels: int, size: int) -> bool:
         """The group is the whole dim of `size` entries, in one part: it may be re-cut into parts."""
-        return self == IndexMap(0, self.unit) and channels * self.unit == size
+        return self.single and self.parts[0][0] == 0 and channels * self.parts[0][1] == size
 
     def shifted(self, by: int) -> "IndexMap":
-        return self._replace(offset=self.offset + by)
+        return IndexMap(tuple((o + by, u) for o, u in self.parts))
+
+    def scaled(self, by: int) -> "IndexMap":
+        """The map after every entry became `by` entries (the dims after it merged in)."""
+        return IndexMap(tuple((o * by, u * by) for o, u in self.parts))
+
+    def aligned(self, block: int) -> bool:
+        """Every part starts and ends channels on multiples of `block` entries."""
+        return all(o % block == 0 and u % block == 0 for o, u in self.parts)
+
+    def divided(self, by: int) -> "IndexMap":
+        return IndexMap(tuple((o // by, u // by) for o, u in self.parts))
+
+    def equal_parts(self) -> tuple[int, int] | None:
+        """(unit, stride) where the parts have one unit and are evenly spaced (stride 0 for one)."""
+        units = {u for _, u in self.parts}
+        offs = [o for o, _ in self.parts]
+        gaps = {b - a for a, b in zip(offs, offs[1:])}
+        if len(units) != 1 or len(gaps) > 1:
+            return None
+        return units.pop(), gaps.pop() if gaps else 0
 
     def entries(self, channels: torch.Tensor) -> torch.Tensor:
         """Indices of the given channels' entries, channel-major (a channel's entries are adjacent)."""
-        base = self.offset + channels.long()[:, None, None] * self.unit
-        reps = (torch.arange(self.reps) * self.stride)[None, :, None]
-        return (base + reps + torch.arange(self.unit)[None, None, :]).flatten()
+        c = channels.long()[:, None]
+        return torch.cat([o + c * u + torch.arange(u)[None, :] for o, u in self.parts], dim=1).flatten()
+
+    def describe(self) -> str:
+        if self.single:
+            return f"offset {self.parts[0][0]}, unit {self.parts[0][1]}"
+        return "parts " + ", ".join(f"(offset {o}, unit {u})" for o, u in self.parts)
 
 
 _FULL = IndexMap()
@@ -177,13 +218,17 @@ class ChannelGroup:
     others: further op nodes that carry the channel and have parameters or arguments to adjust
       (norms, depthwise convs, views), by role.
     reasons: why the group may not be pruned (empty = prunable).
-    unit: entries of the seed's output dim per group channel (head_dim for an attention head group).
-    maps: node -> (offset, unit) of its slot (see the module docstring).
+    unit: entries of the seed's output dim per group channel (head_dim for an attention head group),
+      per part of relative size 1.
+    weights: relative sizes of the parts the seed's dim is cut into ((1,): one part; (1, 1, 1): a
+      packed q|k|v; (2, 1, 1): a grouped-query q|k|v with 2 q heads per k/v head).
+    maps: node -> IndexMap of its slot (see the module docstring).
     stamp: when the group was found; prunes logged later shift its offsets (prune_channels).
     """
 
     channels: int
     unit: int = 1
+    weights: tuple = (1,)
     maps: dict = dataclasses.field(default_factory=dict, repr=False)
     stamp: int = 0
     slots: list = dataclasses.field(default_factory=list)
@@ -249,10 +294,21 @@ class ChannelGroup:
     def name(self) -> str:
         return ",".join(self.producer_fqns) or (self.slots[0][0].name if self.slots else "?")
 
+    @property
+    def extent(self) -> str:
+        """What one channel is, for reports: "" (one entry), " of 16 entries" (a head), " of 16
+        entries in each of 3 packed parts" (a head of a packed q|k|v), or " of 32+16+16 entries (3
+        packed parts)" (2 q heads, a k head and a v head)."""
+        if len(self.weights) == 1:
+            return f" of {self.unit} entries" if self.unit > 1 else ""
+        if len(set(self.weights)) == 1:
+            return f" of {self.unit} entr{'y' if self.unit == 1 else 'ies'} in each of {len(self.weights)} packed parts"
+        sizes = "+".join(str(self.unit * w) for w in self.weights)
+        return f" of {sizes} entries ({len(self.weights)} packed parts)"
+
     def describe(self) -> str:
         state = "prunable" if self.prunable else f"NOT prunable: {self.reason}"
-        units = f" of {self.unit}" if self.unit > 1 else ""
-        return (f"ChannelGroup({self.channels} channels{units}; producers={self.producer_fqns}; "
+        return (f"ChannelGroup({self.channels} channels{self.extent}; producers={self.producer_fqns}; "
                 f"consumers={self.consumer_fqns}; params={[t for t, _ in self.params]}; {state})")
 
     __repr__ = describe
@@ -292,8 +348,9 @@ class _Reject(Exception):
 
 class _Coarser(_Reject):
     """The channel can be followed only with a coarser index map at the seed. `requests`: the
-    (factor, reps) pairs that would do, best first: blocks `factor` times larger (a whole attention
-    head per channel) and the seed's entries as `reps` equal parts (a packed q|k|v projection)."""
+    (factor, weights) pairs that would do: blocks `factor` times larger (a whole attention head per
+    channel), and the seed's entries as parts of relative sizes `weights` ((1,): one part; (1, 1, 1):
+    a packed q|k|v; (rep, 1, 1): a grouped-query one)."""
 
     def __init__(self, reason: str, requests):
         super().__init__(reason)
@@ -609,12 +666,10 @@ def _rule(u: fx.Node, slot: Slot, imap: IndexMap = _FULL, channels: int | None =
         try:
             inside = _inside(xmap, channels, start, end)
         except _Reject:
-            size, width = shape_of(x)[d], end - start
-            if xmap.covers(channels, size) and 0 < width < size \
-                    and size % width == 0 and start % width == 0 and channels % (size // width) == 0:
-                raise _Coarser(f"{_where(u)} takes part {start // width} of {size // width} equal parts of "
-                               f"the channels (a packed projection; followed as parts)", [(1, size // width)])
-            raise _Reject(f"{_where(u)} slices {start}..{end - 1} out of channels {xmap.offset}.."
+            weights = _packing(xmap, channels, _slice_pieces(x, d))
+            if weights is not None:
+                raise _packed(f"the slices of {x.name} ({_where(u)} and its siblings)", weights) from None
+            raise _Reject(f"{_where(u)} slices {start}..{end - 1} out of channels {xmap.start}.."
                           f"{xmap.end(channels) - 1}, cutting through them") from None
         if inside is not None:
             members.append((u, d, inside))
@@ -666,7 +721,7 @@ def _cat_rule(u, m, d, is_out, imap, channels):
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
     if is_out:
         # the group's entries must come from one input: that input's group continues backwards
-        lo, hi = imap.offset, imap.end(channels or 0)
+        lo, hi = imap.start, imap.end(channels or 0)
         for t, start, size in zip(tensors, starts, sizes):
             if start <= lo and hi <= start + size:
                 return [(t, dim, imap.shifted(-start)), (u, dim, imap)], None
@@ -718,20 +773,57 @@ def _inside(xmap: IndexMap, channels: int, a: int, b: int) -> IndexMap | None:
     """The map, within the piece [a, b) of a dim, of the group `xmap` describes on the whole dim:
     None where no entry of the group lies in the piece. Raises _Reject where a part of the group
     lies partly in it (the caller may know a coarser map that would not)."""
-    width = channels * xmap.unit
-    parts = [xmap.offset + r * xmap.stride for r in range(xmap.reps)]
-    inside = [lo for lo in parts if a <= lo and lo + width <= b]
-    if any(lo < b and lo + width > a for lo in parts if lo not in inside):
-        raise _Reject(f"entries {xmap.offset}..{xmap.end(channels) - 1} lie partly in {a}..{b - 1}")
+    inside = [(o, u) for o, u in xmap.parts if a <= o and o + channels * u <= b]
+    if any(o < b and o + channels * u > a for o, u in xmap.parts if (o, u) not in inside):
+        raise _Reject(f"entries {xmap.start}..{xmap.end(channels) - 1} lie partly in {a}..{b - 1}")
     if not inside:
         return None
-    return IndexMap(inside[0] - a, xmap.unit, len(inside), xmap.stride if len(inside) > 1 else 0)
+    return IndexMap(tuple(inside)).shifted(-a)
+
+
+def _slice_pieces(x: fx.Node, d: int) -> list[int]:
+    """The pieces that the step-1 slices of `x` along dim `d` cut it into, as sizes: every slice
+    bound is a cut (Phi-3's qkv[..., :q], qkv[..., q:q+kv], qkv[..., q+kv:] give [q, kv, kv]).
+    Empty where some piece is read by no slice (that is a layer's channels cut through, not a
+    packed projection taken apart)."""
+    size = shape_of(x)[d]
+    bounds = []
+    for user in x.users:
+        if _base_name(op_name(user)) == "slice" and user.args[0] is x:
+            dim, start, end, step = slice_bounds(user)
+            if dim == d and step == 1 and end > start:
+                bounds.append((start, end))
+    cuts = sorted({0, size, *(c for b in bounds for c in b)})
+    pieces = list(zip(cuts, cuts[1:]))
+    if not all(any(s <= a and b <= e for s, e in bounds) for a, b in pieces):
+        return []
+    return [b - a for a, b in pieces]
+
+
+def _packing(xmap: IndexMap, channels: int, sizes: list[int]) -> tuple[int, ...] | None:
+    """Where a group that is its whole dim is cut into pieces of `sizes` (a packed q|k|v, gate|up),
+    the relative part sizes to walk again with: channel j is then entries j of each part, one part
+    per piece (a grouped-query q|k|v gives (rep, 1, 1)). None where the pieces cannot share the
+    channels out evenly."""
+    if len(sizes) < 2 or 0 in sizes or not xmap.covers(channels, sum(sizes)):
+        return None
+    g = math.gcd(*sizes)
+    if g % xmap.parts[0][1] or g // xmap.parts[0][1] < 2:   # one channel in all: nothing to choose
+        return None
+    return tuple(z // g for z in sizes)
+
+
+def _packed(where: str, weights: tuple[int, ...]) -> _Coarser:
+    shape = (f"{len(weights)} equal parts" if len(set(weights)) == 1
+             else f"{len(weights)} parts of relative sizes {list(weights)}")
+    return _Coarser(f"{where} cuts the channels into {shape} (a packed projection; followed as parts)",
+                    [(1, weights)])
 
 
 def _split_rule(s, d, imap, channels, maps, piece=None):
     """split / chunk / unbind, reached from its input (piece None; d is the input's dim) or back
     from the getitem of piece `piece` (d is the piece's dim). A split along the channel dim hands
-    each piece the channels inside it; a packed projection's parts (imap.reps) go one to a piece.
+    each piece the channels inside it; a packed projection's parts go one to a piece.
     Role "split": prune_channels rewrites the piece sizes."""
     x = s.args[0]
     unbind = _base_name(op_name(s)) == "unbind"
@@ -756,11 +848,10 @@ def _split_rule(s, d, imap, channels, maps, piece=None):
         return members, "split"
     except _Reject:
         pass
-    n = len(sizes)
-    if xmap.covers(channels, sum(sizes)) and len(set(sizes)) == 1 and channels % n == 0:
-        raise _Coarser(f"{_where(s)} splits the channels into {n} equal parts (a packed projection; "
-                       f"followed as {n} parts)", [(1, n)])
-    raise _Reject(f"channels {xmap.offset}..{xmap.end(channels) - 1} of {x.name} span several of the "
+    weights = _packing(xmap, channels, sizes)
+    if weights is not None:
+        raise _packed(_where(s), weights)
+    raise _Reject(f"channels {xmap.start}..{xmap.end(channels) - 1} of {x.name} span several of the "
                   f"pieces {sizes} {_where(s)} splits them into")
 
 
@@ -776,8 +867,8 @@ def _reshape_rule(u, m, d, is_out, imap, channels):
     try:
         j, jmap = _follow_reshape(src, dst, d, imap, channels)
     except _Coarser as e:
-        ways = ", ".join(f"blocks of {f}" if r == 1 else f"{r} parts" + (f" in blocks of {f}" if f > 1 else "")
-                         for f, r in e.requests)
+        ways = ", ".join(f"blocks of {f}" if len(w) == 1 else f"{len(w)} parts" + (f" in blocks of {f}" if f > 1 else "")
+                         for f, w in e.requests)
         raise _Coarser(f"{what} (it can be followed as {ways})", e.requests) from None
     except _Reject:
         raise _Reject(what) from None
@@ -820,12 +911,13 @@ def _follow_reshape(sin, sout, din, imap, channels) -> tuple[int, IndexMap]:
     """(dim, index map) in `sout` of the entries `imap` describes along dim `din` of `sin`.
 
     Within the aligned run of dims that holds din, the group's entries are, in row-major order, the
-    blocks [offset + r*stride + j*unit, + unit) * inner of dim din (r < reps), repeated once per
-    index of the dims before din (period sin[din] * inner). An output dim carries them
+    blocks [offset + j*unit, + unit) * inner of dim din in each part (offset, unit) of the map,
+    repeated once per index of the dims before din (period sin[din] * inner). An output dim
+    carries them
       - with the same map (scaled by inner) when it, with the dims after it, spans one period and
         the dims after it span whole blocks;
-      - as one part when the map has parts (a packed q|k|v) and it spans exactly one part: the
-        parts move to the dims before it (view [B, T, 3E] -> [B, T, 3, H, D]);
+      - as one part when the map has equal, evenly spaced parts (a packed q|k|v) and it spans
+        exactly one part: the parts move to the dims before it (view [B, T, 3E] -> [B, T, 3, H, D]);
       - as parts when it spans several periods: the dims before din that it takes in become the
         parts (the reverse view). Never the batch dim 0: that would tie channels to the batch size.
     Raises _Coarser with the maps that would get through (larger blocks: a split into heads; the
@@ -836,8 +928,8 @@ def _follow_reshape(sin, sout, din, imap, channels) -> tuple[int, IndexMap]:
         raise _Reject("shapes do not align")
     run_in, run_out = next(seg for seg in segs if din in seg[0])
     inner_in = _prod(sin[din + 1: run_in.stop])
-    start, width, period = imap.offset * inner_in, imap.unit * inner_in, sin[din] * inner_in
-    part = imap.stride * inner_in
+    scaled, period = imap.scaled(inner_in), sin[din] * inner_in
+    equal = scaled.equal_parts()   # (width, distance) of evenly spaced parts of one width
     no_batch = _prod(sin[max(run_in.start, 1): run_in.stop])   # the run without a leading dim 0
     whole = imap.covers(channels, sin[din])
     requests = []
@@ -846,24 +938,27 @@ def _follow_reshape(sin, sout, din, imap, channels) -> tuple[int, IndexMap]:
         span = sout[j] * inner
         if sout[j] == 1:
             continue
-        aligned = start % inner == 0 and width % inner == 0 and part % inner == 0
+        aligned = scaled.aligned(inner)
+        width = scaled.parts[0][1]
         f = math.lcm(width, inner) // width
         if span == period:
             if aligned:
-                return j, IndexMap(start // inner, width // inner, imap.reps, part // inner)
-            if imap.offset == 0 and channels % f == 0:
-                requests.append((f, 1))
-        elif imap.reps > 1 and span == part and imap.reps * part == period:
-            if aligned and start + channels * width <= part:
-                return j, IndexMap(start // inner, width // inner)
-        elif imap.reps == 1 and span > period and span % period == 0 and span <= no_batch:
+                return j, scaled.divided(inner)
+            if imap.single and scaled.start == 0 and channels % f == 0:
+                requests.append((f, (1,)))
+        elif not imap.single and equal is not None and span == equal[1] \
+                and len(scaled.parts) * equal[1] == period:
+            if aligned and scaled.start + channels * width <= equal[1]:
+                return j, IndexMap.block(scaled.start // inner, width // inner)
+        elif imap.single and span > period and span % period == 0 and span <= no_batch:
             if aligned:
-                return j, IndexMap(start // inner, width // inner, span // period, period // inner)
+                return j, IndexMap.repeated(scaled.start // inner, width // inner, span // period,
+                                            period // inner)
         elif whole and span < period and period % span == 0 and 2 <= period // span <= 4:
             parts = period // span
-            g = f if start % inner or width % inner else 1
+            g = f if width % inner else 1
             if channels % (g * parts) == 0:
-                requests.append((g, parts))
+                requests.append((g, (1,) * parts))
     if requests:
         raise _Coarser("needs a coarser map", requests)
     raise _Reject("not followed")
@@ -934,18 +1029,18 @@ def _sdpa_rule(u, m, d, is_out, imap):
     q_map, kv_map = imap, imap
     if hq != hkv:
         rep = _gqa_repeat(u, hq, hkv)
-        offset, unit = imap.offset, imap.unit
-        if imap.reps > 1:
+        if not imap.single:
             raise _Reject(f"grouped-query attention {_where(u)} on heads in several parts")
+        (offset, unit), = imap.parts
         if m in (k, v) and m is not q:
-            q_map = IndexMap(offset * rep, unit * rep)
+            q_map = IndexMap.block(offset * rep, unit * rep)
         elif offset % rep or unit % rep:
             # one kv head serves `rep` q heads: prune q heads in whole kv groups
             f = rep // math.gcd(unit, rep)
             raise _Coarser(f"grouped-query attention {_where(u)}: {hq} q heads share {hkv} k/v heads, "
-                           f"q heads are pruned in groups of {rep}", [(f, 1)])
+                           f"q heads are pruned in groups of {rep}", [(f, (1,))])
         else:
-            kv_map = IndexMap(offset // rep, unit // rep)
+            kv_map = IndexMap.block(offset // rep, unit // rep)
     members = [(q, d, q_map), (u, d, q_map), (k, d, kv_map), (v, d, kv_map)]
     sm = shape_of(mask) if isinstance(mask, fx.Node) else None
     if sm is not None and d - (r - len(sm)) >= 0 and sm[d - (r - len(sm))] != 1:
@@ -990,20 +1085,23 @@ def _seed(node: fx.Node) -> Slot | None:
     return None
 
 
-def _walk(seed: Slot, nxg, unit: int = 1, reps: int = 1) -> tuple[ChannelGroup, list]:
-    """The group reached from `seed` with `unit` seed entries per channel in each of `reps` equal
-    parts of the seed's dim, and the (factor, reps) requests of the splits it could not follow."""
+def _walk(seed: Slot, nxg, unit: int = 1, weights: tuple = (1,)) -> tuple[ChannelGroup, list]:
+    """The group reached from `seed` with its dim cut into consecutive parts of relative sizes
+    `weights`, channel j being `unit * w` entries of each part, and the (factor, weights) requests
+    of the ops it could not follow."""
     seed_shape = shape_of(seed[0])
     size = seed_shape[seed[1]] if seed_shape is not None else 0
-    channels = size // (unit * reps) if size % (unit * reps) == 0 else 0
-    group = ChannelGroup(channels=channels, unit=unit, stamp=next_stamp())
+    per_channel = unit * sum(weights)
+    channels = size // per_channel if size % per_channel == 0 else 0
+    group = ChannelGroup(channels=channels, unit=unit, weights=tuple(weights), stamp=next_stamp())
     dims: dict[fx.Node, int] = {seed[0]: seed[1]}
     maps = group.maps
-    maps[seed[0]] = IndexMap(0, unit, reps, size // reps if reps > 1 else 0)
+    starts = itertools.accumulate((channels * unit * w for w in weights[:-1]), initial=0)
+    maps[seed[0]] = IndexMap(tuple((o, unit * w) for o, w in zip(starts, weights)))
     roles: dict[tuple[fx.Node, str], None] = {}
     queue = [seed]
     group.slots.append(seed)
-    requests: list[tuple[int, int]] = []
+    requests: list[tuple[int, tuple]] = []
 
     def reject(reason: str) -> None:
         if reason not in group.reasons:
@@ -1035,7 +1133,7 @@ def _walk(seed: Slot, nxg, unit: int = 1, reps: int = 1) -> tuple[ChannelGroup, 
                 reject(f"node {n.name} carries the channel on two dims ({dims[n]} and {dn})")
             elif maps[n] != imap:
                 reject(f"node {n.name} carries the channel at two places along dim {dn} "
-                       f"({_describe_map(maps[n])} and {_describe_map(imap)})")
+                       f"({maps[n].describe()} and {imap.describe()})")
             return False
         s = shape_of(n)
         # a tie that keeps the map joins dims of one size; a moved map must fit in its dim
@@ -1074,29 +1172,39 @@ def _walk(seed: Slot, nxg, unit: int = 1, reps: int = 1) -> tuple[ChannelGroup, 
     return group, requests
 
 
-def _describe_map(imap: IndexMap) -> str:
-    text = f"offset {imap.offset}, unit {imap.unit}"
-    return text + (f", {imap.reps} parts {imap.stride} apart" if imap.reps > 1 else "")
-
-
 def _walk_coarsening(seed: Slot, nxg) -> ChannelGroup:
     """Walk from `seed`; where a split needs a coarser map (whole heads, the parts of a packed
     projection), walk again with it, breadth first over the requests, up to _MAX_WALKS walks.
     Returns the first prunable group, else the last one walked (its reasons are the report's)."""
-    queue, tried, deepest = [(1, 1)], set(), None
+    queue, tried, deepest = [(1, (1,))], set(), None
     while queue and len(tried) < _MAX_WALKS:
-        unit, reps = queue.pop(0)
-        if (unit, reps) in tried:
+        unit, weights = queue.pop(0)
+        if (unit, weights) in tried:
             continue
-        tried.add((unit, reps))
-        group, requests = _walk(seed, nxg, unit, reps)
+        tried.add((unit, weights))
+        group, requests = _walk(seed, nxg, unit, weights)
         if group.prunable:
             return group
         if deepest is None or len(group.slots) > len(deepest.slots):
             deepest = group   # got furthest: its reasons name the real obstacle
         # plain head blocks first (the largest), then packed parts
-        queue.extend((unit * f, reps * r) for f, r in sorted(requests, key=lambda q: (q[1], -q[0])))
+        for f, w in sorted(requests, key=lambda q: (len(q[1]), -q[0])):
+            parts = _nest(weights, w)
+            if parts is not None:
+                queue.append((unit * f, parts))
     return deepest
+
+
+def _nest(weights: tuple, request: tuple) -> tuple | None:
+    """The seed's parts after a request to cut them into `request` parts: no change for (1,), the
+    request where there was one part, equal parts cut equally; None (not tried) otherwise."""
+    if request == (1,):
+        return weights
+    if weights == (1,):
+        return request
+    if len(set(weights)) == 1 and len(set(request)) == 1:
+        return (1,) * (len(weights) * len(request))
+    return None
 
 
 def find_channel_groups(gm: fx.GraphModule) -> list[ChannelGroup]:

@@ -213,6 +213,14 @@ def _pick(feasible, requested, info, ctx, lp):
     return None
 
 
+def _channel_words(unit: int, weights: tuple) -> str:
+    """What a pruned group channel is, in the report's words."""
+    if len(weights) > 1 and len(set(weights)) > 1:   # grouped-query q|k|v: a k/v head with its q heads
+        return f"blocks of {'+'.join(str(unit * w) for w in weights)} channels ({len(weights)} packed parts)"
+    what = f"heads of {unit} channels" if unit > 1 else "output channels"
+    return what + (f" in each of {len(weights)} packed parts" if len(weights) > 1 else "")
+
+
 def _plan_channel_layer(lp: LayerPlan, requested: Channel, ctx: PassContext) -> None:
     """Channel pruning already happened (prune_channels); record its outcome for this layer."""
     lp.pattern = requested
@@ -221,7 +229,7 @@ def _plan_channel_layer(lp: LayerPlan, requested: Channel, ctx: PassContext) -> 
     if done is not None:
         lp.status, lp.kernel = PRUNED, "dense (shrunk)"
         lp.sparsity = 1 - done["kept"] / done["channels"]
-        what = f"heads of {done['unit']} channels" if done.get("unit", 1) > 1 else "output channels"
+        what = _channel_words(done.get("unit", 1), done.get("weights", (1,)))
         lp.reason = (f"channel pruned: kept {done['kept']}/{done['channels']} {what} together with "
                      f"{', '.join(done['members'][:6])}; shapes above are the pruned ones; speed is checked "
                      f"at model level (verification), not per layer")

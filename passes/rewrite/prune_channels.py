@@ -255,7 +255,7 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
     if int(keep[0]) < 0 or int(keep[-1]) >= C:
         raise ValueError(f"channel group {group.name}: keep indices must lie in [0, {C})")
     k = keep.numel()
-    detail = f"kept {k}/{C} channels" + (f" of {group.unit} entries each" if group.unit > 1 else "")
+    detail = f"kept {k}/{C} channels{group.extent}"
     params_before = sum(p.numel() for p in gm.parameters())
     # every slot's entries that go, in the graph's current coordinates, before anything changes
     drop = _complement(keep, C)
@@ -297,8 +297,8 @@ def prune_channel_group(gm: fx.GraphModule, group: ChannelGroup, keep_idx) -> di
     gm.graph.lint()
     gm.recompile()
     params_after = sum(p.numel() for p in gm.parameters())
-    return {"group": group.name, "kept": k, "channels": C, "unit": group.unit, "keep_idx": keep,
-            "params_removed": params_before - params_after}
+    return {"group": group.name, "kept": k, "channels": C, "unit": group.unit, "weights": group.weights,
+            "keep_idx": keep, "params_removed": params_before - params_after}
 
 
 def _slice_params(gm: fx.GraphModule, group: ChannelGroup, plan: dict, detail: str) -> list[str]:
@@ -491,8 +491,7 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         k = max(1, int(round(chosen.keep * g.channels)))
         if k >= g.channels:
             continue
-        ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels"
-                + (f" of {g.unit} entries (heads)" if g.unit > 1 else ""))
+        ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels{g.extent}")
         if dense is None and ctx.calibration:
             # to state what each pruned group costs where it is read
             dense = node_values(gm, [n for h in groups if h.prunable for n in h.consumers], *ctx.calibration[0])
@@ -501,7 +500,7 @@ def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         summary = prune_channel_group(gm, g, keep_idx)
         removed += summary["params_removed"]
         for f in producers:
-            done[f] = {"kept": k, "channels": g.channels, "unit": g.unit,
+            done[f] = {"kept": k, "channels": g.channels, "unit": g.unit, "weights": g.weights,
                        "members": [ctx.full_fqn(x) for x in g.fqns], "pattern": chosen.describe()}
         for n in [*g.consumers, *(u for u, role in g.others if role == "depthwise")]:
             info = n.meta.get(ir.LAYER)

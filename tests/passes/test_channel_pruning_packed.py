@@ -1,5 +1,6 @@
 """Channel groups through packed projections and splits: one Linear for q|k|v (split, chunk, or a
-view into [.., 3, H, D] and unbind), a packed gate|up FFN, a concat split apart again.
+view into [.., 3, H, D] and unbind; grouped-query parts of unequal size), a packed gate|up FFN, a
+concat split apart again.
 
 The strong check everywhere: the pruned graph's output equals the unpruned model's output with the
 pruned channels masked at the consumer (its input columns of those channels zeroed).
@@ -258,24 +259,85 @@ def test_cat_then_slices_move_their_bounds_past_pruned_channels():
     torch.testing.assert_close(_out(gm(x)), ref, atol=1e-5, rtol=1e-5)
 
 
+# ---- packed grouped-query q|k|v: parts of unequal size --------------------------------------------
+class PackedGQA(nn.Module):
+    """q | k | v of sizes E, E/2, E/2 in one Linear (Phi-3-medium's qkv_proj): 4 q heads share 2 k/v
+    heads. `how`: "split" (split_with_sizes) or "slice" (three slices, as Phi-3 does)."""
+
+    def __init__(self, how="split", attn="sdpa"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.o = nn.Linear(E, 2 * E), nn.Linear(E, E)
+        self.how, self.attn = how, attn
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        p, kv = self.qkv(x), E // 2
+        if self.how == "split":
+            q, k, v = p.split([E, kv, kv], dim=-1)
+        else:
+            q, k, v = p[..., :E], p[..., E:E + kv], p[..., E + kv:]
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k, v = (t.view(B, T, H // 2, D).transpose(1, 2) for t in (k, v))
+        if self.attn == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        else:   # repeat k/v for each of its q heads (Llama's repeat_kv)
+            k, v = (t[:, :, None].expand(B, H // 2, 2, T, D).reshape(B, H, T, D) for t in (k, v))
+            y = ((q @ k.transpose(-2, -1)) / math.sqrt(D)).softmax(-1) @ v
+        return self.o(y.transpose(1, 2).reshape(B, T, E))
+
+
+@pytest.mark.parametrize("how", ["split", "slice"])
+def test_packed_gqa_channel_is_a_kv_head_with_its_q_heads(how):
+    gm = _capture(PackedGQA(how), _x())
+    g = _group_of(gm, "qkv")
+    assert g.prunable, g.reason
+    assert g.channels == 2 and g.unit == D and g.weights == (2, 1, 1) and g.consumer_fqns == ["o"]
+    # kv group 1: q heads 2, 3 (rows 16..31), k head 1 (rows 40..47), v head 1 (rows 56..63)
+    rows = g.map_of(g.seed).entries(torch.tensor([1])).tolist()
+    assert rows == [*range(2 * D, 4 * D), *range(E + D, E + 2 * D), *range(E + E // 2 + D, 2 * E)]
+    assert "32+16+16" not in g.describe() and "16+8+8 entries (3 packed parts)" in g.describe()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "matmul"])
+@pytest.mark.parametrize("how", ["split", "slice"])
+def test_pruning_a_packed_gqa_kv_group_equals_masking_its_q_heads(how, attn):
+    model, x = PackedGQA(how, attn).eval(), _x()
+    gm = _capture(model, x)
+    prune_channel_group(gm, _group_of(gm, "qkv"), [0])
+    assert tuple(_weight(gm, "qkv").shape) == (E, E) and tuple(_weight(gm, "o").shape) == (E, E // 2)
+    ref = _masked_columns(model, "o", _head_columns([2, 3]))(x)   # kv group 1 served q heads 2 and 3
+    torch.testing.assert_close(_out(gm(x)), ref, atol=1e-5, rtol=1e-5)
+    if how == "split":
+        split = next(n for n in gm.graph.nodes if n.target == aten.split_with_sizes.default)
+        assert list(split.args[1]) == [E // 2, E // 4, E // 4]
+    else:
+        bounds = sorted(tuple(n.args[2:4]) for n in gm.graph.nodes
+                        if n.target == aten.slice.Tensor and n.args[1] in (-1, 2))
+        assert [(min(a, E), min(b, E)) for a, b in bounds] == [(0, 16), (16, 24), (24, E)]
+
+
+def test_compile_reports_a_packed_gqa_channel_as_its_parts():
+    model, x = PackedGQA().eval(), _x()
+    sm = sparsify.compile(model, x, sparsify.Config(weight=sparsify.Channel(0.5), force=True))
+    assert tuple(_weight(sm.graph_module, "qkv").shape) == (E, E)
+    assert "kept 1/2 blocks of 16+8+8 channels (3 packed parts)" in sm.plan.layers["qkv"].reason
+    assert sm(x).shape == model(x).shape and torch.isfinite(sm(x)).all()
+
+
 # ---- what is still refused ----------------------------------------------------------------------
-def test_packed_qkv_with_grouped_query_parts_is_not_prunable():
-    class PackedGQA(nn.Module):   # q | k | v of sizes E, E/2, E/2: the parts are not equal
+def test_split_into_pieces_sharing_one_channel_is_not_prunable():
+    class Uneven(nn.Module):   # pieces 3 and 7 share no common block: one channel would be everything
         def __init__(self):
             super().__init__()
-            self.qkv, self.o = nn.Linear(E, 2 * E), nn.Linear(E, E)
+            self.p, self.a, self.b = nn.Linear(E, 10), nn.Linear(3, E), nn.Linear(7, E)
 
         def forward(self, x):
-            B, T, _ = x.shape
-            q, k, v = self.qkv(x).split([E, E // 2, E // 2], dim=-1)
-            q = q.view(B, T, H, D).transpose(1, 2)
-            k, v = (t.view(B, T, H // 2, D).transpose(1, 2) for t in (k, v))
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            return self.o(y.transpose(1, 2).reshape(B, T, E))
+            u, v = self.p(x).split([3, 7], dim=-1)
+            return self.a(u) + self.b(v)
 
-    gm = _capture(PackedGQA(), _x())
-    g = _group_of(gm, "qkv")
-    assert not g.prunable and "span several of the pieces" in g.reason
+    g = _group_of(_capture(Uneven(), _x()), "p")
+    assert not g.prunable and "span several of the pieces [3, 7]" in g.reason
 
 
 def test_unbinding_the_channel_dim_is_not_prunable():
@@ -336,24 +398,29 @@ def test_hf_gpt2_heads_prune_and_equal_masking():
 
 # ---- Hugging Face Phi-3: packed qkv_proj taken apart by slices, packed gate_up_proj by chunk -------
 @pytest.mark.slow
-def test_hf_phi3_packed_attention_and_ffn_prune_and_equal_masking():
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_hf_phi3_packed_attention_and_ffn_prune_and_equal_masking(kv_heads):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Phi3Config(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                                  num_key_value_heads=4, vocab_size=128, max_position_embeddings=64,
+                                  num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=64,
                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, use_cache=False)
     model = transformers.Phi3Model(cfg).eval()
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     gm = _capture(model, ids)
     attn = _group_of(gm, "layers.0.self_attn.qkv_proj")
-    assert attn.prunable and attn.channels == 4 and attn.unit == 16, attn.reason
-    prune_channel_group(gm, attn, [0, 2])
+    rep = 4 // kv_heads
+    assert attn.prunable and attn.channels == kv_heads and attn.unit == 16, attn.reason
+    assert attn.weights == (rep, 1, 1)
+    kept = [0, 2] if kv_heads == 4 else [1]   # gqa: kv group 1 and its q heads 2, 3
+    prune_channel_group(gm, attn, kept)
     ffn = _group_of(gm, "layers.0.mlp.gate_up_proj")
     assert ffn.prunable and ffn.channels == 96, ffn.reason
     keep = list(range(0, 96, 3))
     prune_channel_group(gm, ffn, keep)
-    assert tuple(_weight(gm, "layers.0.self_attn.qkv_proj").shape) == (3 * 32, 64)
+    assert tuple(_weight(gm, "layers.0.self_attn.qkv_proj").shape) == ((rep + 2) * 16 * len(kept), 64)
     assert tuple(_weight(gm, "layers.0.mlp.gate_up_proj").shape) == (2 * 32, 64)
-    masked = _masked_columns(model, "layers.0.self_attn.o_proj", _head_columns([1, 3], 16))
+    q_heads_gone = [h for h in range(4) if h // rep not in kept]
+    masked = _masked_columns(model, "layers.0.self_attn.o_proj", _head_columns(q_heads_gone, 16))
     masked = _masked_columns(masked, "layers.0.mlp.down_proj", [c for c in range(96) if c not in keep])
     y = gm(ids)
     y = y.last_hidden_state if hasattr(y, "last_hidden_state") else _out(y)
