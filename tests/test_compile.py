@@ -220,11 +220,43 @@ def test_compiled_model_slower_end_to_end_is_rolled_back(monkeypatch):
     monkeypatch.setattr(cost, "compare_ms", fake_compare)
     monkeypatch.setattr(cost.CostModel, "time", fake_layer_time)
     sm = sparsify.compile(model, (x,), cfg)
-    assert len(calls) == 1
+    assert len(calls) == 2, "3 sparse -> the 2 that save the least go dense -> still slower -> all dense"
     assert not sm.plan.sparse_layers()
     assert all(lp.status == ROLLED_BACK and "end to end" in lp.reason for lp in sm.plan.layers.values())
     assert sm.plan.model_sparse_ms == 2.0 and "end to end" in sm.report()
     torch.testing.assert_close(sm(x), model(x))
+
+
+def test_end_to_end_rollback_keeps_the_layers_that_save_the_most(monkeypatch):
+    """Slower end to end with 3 sparse layers: the 2 with the smallest per-layer saving go dense
+    first; faster with only fc1 sparse, so fc1 ships and the report's numbers are the final ones."""
+    from sparsify.metrics import output_error
+    from sparsify.passes.analysis import cost
+
+    model = MLP()
+    x = mlp_input(8)
+    end_to_end = iter([[1.0, 2.0], [1.0, 0.9]])
+
+    def fake_compare(fns, device, repeats=20):
+        return next(end_to_end)
+
+    def fake_layer_time(self, key, fn):    # fc1 ([96, 48] weight) saves 0.9 ms, the others 0.1 ms
+        if key.split("|")[3] == "dense":
+            return 1.0
+        return 0.1 if "(96, 48)" in key else 0.9
+
+    cfg = Config(weight=Unstructured(0.5), max_error=10.0, **FAST)
+    monkeypatch.setattr(cost, "compare_ms", fake_compare)
+    monkeypatch.setattr(cost.CostModel, "time", fake_layer_time)
+    sm = sparsify.compile(model, (x,), cfg)
+    assert [lp.fqn for lp in sm.plan.sparse_layers()] == ["fc1"]
+    for fqn in ("fc2", "out"):
+        lp = sm.plan.layers[fqn]
+        assert lp.status == ROLLED_BACK and "the 2 that save the least go dense" in lp.reason
+    assert sm.plan.model_sparse_ms == 0.9 and sm.plan.model_dense_ms == 1.0
+    with torch.no_grad():
+        err = output_error([model(x)], [sm(x)])
+    assert err > 0 and sm.plan.model_error == pytest.approx(err, rel=1e-5), "the error of what ships"
 
 
 def test_end_to_end_timings_are_interleaved():
