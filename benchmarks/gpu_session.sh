@@ -28,12 +28,14 @@ $PY -m pip install -q -e . --no-deps --no-build-isolation >"$OUT/install.log" 2>
     || { echo "install failed"; tail -n 30 "$OUT/install.log"; exit 1; }
 
 # 1. kernels on the real compiler: the GPU tests (nm_conv2d and sell_linear never ran on a GPU before)
-step gpu-tests 150 $PY -m pytest -q -m gpu -x -p no:cacheprovider tests
+step gpu-tests 140 $PY -m pytest -q -m gpu -x -p no:cacheprovider tests
 # 2. linear ratios (issue 3's goal table), then conv ratios
-step bench-linear 200 $PY benchmarks/bench_linear.py --quick --json "$OUT/bench_linear.json" --plot "$OUT/speedup.png"
-step bench-conv 120 $PY benchmarks/bench_conv.py
+step bench-linear 180 $PY benchmarks/bench_linear.py --quick --json "$OUT/bench_linear.json" --plot "$OUT/speedup.png"
+step bench-conv 100 $PY benchmarks/bench_conv.py
+# 2b. why our cuSPARSELt provider costs ~1 ms a call: the calling conventions side by side
+step probe-cslt 60 $PY benchmarks/probe_cslt.py --out "$OUT/probe_cslt.md"
 # 3. the planner end to end on the built-in demo model
-step demo 90 $PY -m sparsify demo --device cuda --dtype float16
+step demo 80 $PY -m sparsify demo --device cuda --dtype float16
 
 cp benchmarks/results/*.md "$OUT/" 2>/dev/null
 echo "--- steps"; cat "$OUT/steps.txt"
