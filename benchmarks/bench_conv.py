@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Weight-sparse conv2d (implicit GEMM) against dense cuDNN, in one run.
 
-    python benchmarks/bench_conv.py                 # ResNet-50 3x3 / 1x1 layers, batch 32 (CUDA)
+    python benchmarks/bench_conv.py                 # ResNet-50 3x3 / 1x1 layers, batch 32 (CUDA), 1 (CPU)
     python benchmarks/bench_conv.py --batch 1       # latency shapes
     python benchmarks/bench_conv.py --smoke         # CPU: tiny shapes through the Triton interpreter
 
@@ -12,6 +12,11 @@ sparsify ops through their torch custom op, inputs and outputs channels-last):
     dense-cl       F.conv2d on channels-last tensors                          (cuDNN; the usual fp16 best)
     sparsify-bsr   sparsify::bsr_conv2d on pack_bsr_conv(W, block)   at block densities --densities
     sparsify-nm    sparsify::nm_conv2d on pack_nm_conv(W, 2, 4)
+    sparsify-csr   sparsify::csr_conv2d (im2col + torch's CSR matmul: MKL on CPU, cuSPARSE on CUDA)
+                   at unstructured sparsities --sparsities
+
+Without CUDA (and without --smoke) only the dense providers and sparsify-csr run, with real CPU
+timings: the Triton providers would run in the interpreter there.
 
 "vs dense" divides the faster of the two dense layouts by the provider's time: the best peer, not a
 strawman. There is no PyTorch weight-sparse conv to compare with. Each provider's output is checked
@@ -42,6 +47,7 @@ RESNET50 = ((64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (256, 256, 14, 3, 1), (512
             (256, 64, 56, 1, 1), (64, 256, 56, 1, 1), (1024, 256, 14, 1, 1))
 SMOKE = ((20, 24, 7, 3, 1), (32, 16, 5, 1, 1))
 DENSITIES = (0.5, 0.25, 0.1)
+SPARSITIES = (0.8, 0.9, 0.95)
 BLOCKS = (32, 64)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -49,10 +55,12 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 1 on CPU")
+    p.add_argument("--sparsities", type=lambda s: tuple(float(v) for v in s.split(",")), default=SPARSITIES,
+                   help=f"unstructured sparsities for sparsify-csr (default {SPARSITIES})")
     p.add_argument("--densities", type=lambda s: tuple(float(v) for v in s.split(",")), default=DENSITIES)
     p.add_argument("--blocks", type=lambda s: tuple(int(v) for v in s.split(",")), default=BLOCKS)
-    p.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU runs under TRITON_INTERPRET=1")
     p.add_argument("--repeats", type=int, default=20, help="CPU timing repeats")
     p.add_argument("--tol", type=float, default=2e-2)
@@ -64,18 +72,20 @@ def parse_args(argv=None):
 
 def _sparsify():
     from sparsify.codegen import runtime
-    from sparsify.codegen.kernels import bsr_conv2d, nm_conv2d
+    from sparsify.codegen.kernels import bsr_conv2d, csr_conv2d, nm_conv2d
     from sparsify.passes.analysis.choose import ConvView
     from sparsify.passes.analysis.cost import measure_ms
-    from sparsify.patterns import NM, Block
-    return runtime, bsr_conv2d, nm_conv2d, ConvView, measure_ms, NM, Block
+    from sparsify.patterns import NM, Block, Unstructured
+    return runtime, bsr_conv2d, nm_conv2d, csr_conv2d, ConvView, measure_ms, NM, Block, Unstructured
 
 
 def run(args, device, dtype, rows, say):
-    runtime, bsr_mod, nm_mod, ConvView, measure_ms, NM, Block = _sparsify()
+    runtime, bsr_mod, nm_mod, csr_mod, ConvView, measure_ms, NM, Block, Unstructured = _sparsify()
     gen = torch.Generator().manual_seed(args.seed)
     shapes = SMOKE if args.smoke else RESNET50
-    batch = min(args.batch, 2) if args.smoke else args.batch
+    batch = args.batch or (32 if device.type == "cuda" else 1)
+    batch = min(batch, 2) if args.smoke else batch
+    triton_rows = device.type == "cuda" or args.smoke
     for c, o, hw, k, stride in shapes:
         pad = k // 2
         shape = f"{batch}x{c}x{hw}x{hw} -> {o}, {k}x{k}/{stride}"
@@ -91,8 +101,12 @@ def run(args, device, dtype, rows, say):
         for name, ms in (("dense-nchw", dense_nchw), ("dense-cl", dense_cl)):
             rows.append(dict(shape=shape, pattern="dense", provider=name, ms=ms, ratio=best / ms, err=None,
                              status="ok"))
-        cases = [(f"block{b} d={d}", "sparsify-bsr", Block(b, d)) for b in args.blocks for d in args.densities]
-        cases.append(("2:4", "sparsify-nm", NM(2, 4)))
+        cases = []
+        if triton_rows:
+            cases += [(f"block{b} d={d}", "sparsify-bsr", Block(b, d)) for b in args.blocks for d in args.densities]
+            cases.append(("2:4", "sparsify-nm", NM(2, 4)))
+        if not args.smoke:
+            cases += [(f"unstructured {sp}", "sparsify-csr", Unstructured(sp)) for sp in args.sparsities]
         for label, provider, pattern in cases:
             row = dict(shape=shape, pattern=label, provider=provider, ms=None, ratio=None, err=None)
             try:
@@ -101,10 +115,13 @@ def run(args, device, dtype, rows, say):
                 if provider == "sparsify-bsr":
                     packed = bsr_mod.pack_bsr_conv(wm, pattern.block)
                     fn = lambda: bsr_mod.bsr_conv2d(x_cl, packed, None, stride, pad)  # noqa: E731
-                else:
+                elif provider == "sparsify-nm":
                     packed = nm_mod.pack_nm_conv(wm, 2, 4)
                     fn = lambda: nm_mod.nm_conv2d(x_cl, packed, None, stride, pad)  # noqa: E731
-                with runtime.force_triton() if device.type == "cpu" else _nullcontext():
+                else:   # NCHW in and out, the layout MKL's im2col path wants
+                    packed = csr_mod.pack_csr_conv(wm)
+                    fn = lambda: csr_mod.csr_conv2d(x, packed, k, k, None, stride, pad)  # noqa: E731
+                with runtime.force_triton() if device.type == "cpu" and provider != "sparsify-csr" else _nullcontext():
                     row["err"] = rel_err(fn(), ref)
                     row["ms"] = t(fn)
                 row["ratio"] = best / row["ms"]
@@ -142,27 +159,31 @@ def table(rows, tol: float, smoke_cpu: bool) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        if not args.smoke:
-            print("no CUDA device: only --smoke runs on CPU (Triton interpreter)", file=sys.stderr)
-            return 2
+    if device.type == "cpu" and args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, TRITON_INTERPRET="1"))
+    args.dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
     dtype = DTYPES[args.dtype]
     info = env_info(device)
     started = datetime.datetime.now(datetime.timezone.utc)
     print(f"[bench_conv] {info}", flush=True)
     rows: list[dict] = []
     run(args, device, dtype, rows, lambda r: print(f"[bench_conv] {r}", flush=True))
-    smoke_cpu = device.type == "cpu"
+    smoke_cpu = device.type == "cpu" and args.smoke
     text = table(rows, args.tol, smoke_cpu)
     print(text)
     if args.out or not args.smoke:
-        path = Path(args.out) if args.out else RESULTS / f"{device_slug(device)}-conv.md"
+        if args.out:
+            path = Path(args.out)
+        elif device.type == "cpu":
+            from sparsify.passes.analysis.cost import device_name
+            path = RESULTS / f"{device_name(device)}-conv.md"
+        else:
+            path = RESULTS / f"{device_slug(device)}-conv.md"
         items = [("device", info["device"]), ("versions", f"torch {info['torch']}, triton {info['triton']}, "
                                                           f"CUDA {info['cuda']}, python {info['python']}"),
                  ("date (UTC)", started.strftime("%Y-%m-%d %H:%M")), ("command", f"`{command_line()}`"),
-                 ("dtype", args.dtype), ("batch", str(args.batch)),
+                 ("dtype", args.dtype), ("batch", str(args.batch or (32 if device.type == "cuda" else 1))),
                  ("timing", "sparsify cost model measure_ms (back-to-back calls; host launch cost included)"),
                  ("vs best dense", "min(dense NCHW, dense channels-last) ms / provider ms")]
         write_markdown(path, {"title": f"bench_conv: {info['device']}", "items": items}, text)

@@ -685,7 +685,13 @@ def env_info(device: torch.device) -> dict:
     else:
         import platform
 
-        info["device"] = f"CPU ({platform.processor() or platform.machine()})"
+        model = platform.processor() or platform.machine()
+        try:   # the processor's name, where Linux tells it
+            with open("/proc/cpuinfo") as f:
+                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        info["device"] = f"CPU ({model}), {torch.get_num_threads()} torch threads"
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "0")
     return info
 

@@ -133,6 +133,17 @@ def _pack_nm_conv(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Pac
                    "dilation": list(layer["dilation"])})
 
 
+def _pack_csr_conv(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
+    from .kernels.csr_conv2d import pack_csr_conv
+    from .kernels.csr_linear import csr_parts
+
+    crow, col, values = csr_parts(pack_csr_conv(w))
+    o, c, kh, kw = w.shape
+    return Packed({"crow": crow, "col": col, "values": values},
+                  {"n_out": o, "k_in": c, "kh": kh, "kw": kw, "stride": list(layer["stride"]),
+                   "padding": list(layer["padding"]), "dilation": list(layer["dilation"])})
+
+
 def _cslt_supports(p, dtype, wshape):
     if (p.n, p.m) != (2, 4):
         return "cuSPARSELt serves 2:4 only"
@@ -181,6 +192,11 @@ register_kernel(WeightKernel(
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["row_ptr"], b["col_idx"], n, s["kh"], s["kw"],
                                            s["stride"], s["padding"], s["dilation"], bias, res, act),
     triton=True, layer_op="conv2d"))
+register_kernel(WeightKernel(   # any zero pattern on conv, through im2col and torch's CSR matmul (MKL on CPU)
+    "csr_conv_torch", "csr_conv2d", (Unstructured, NM, Block), ("cpu", "cuda"), "csr_conv2d", _pack_csr_conv,
+    lambda x, b, s, bias, res, act, n, k: (x, b["crow"], b["col"], b["values"], n, s["kh"], s["kw"],
+                                           s["stride"], s["padding"], s["dilation"], bias, res, act),
+    layer_op="conv2d"))
 register_kernel(WeightKernel(
     "nm_conv_triton", "nm_conv2d", (NM,), ("cuda",), "nm_conv2d", _pack_nm_conv,
     lambda x, b, s, bias, res, act, n, k: (x, b["values"], b["meta"], n, k, s["kh"], s["kw"], s["n"], s["m"],
@@ -208,7 +224,7 @@ def load_ops() -> None:
     """Import the kernel modules so their torch.ops.sparsify.* custom ops are registered."""
     import importlib
 
-    for mod in ("bsr_linear", "nm_linear", "csr_linear", "bsr_conv2d", "nm_conv2d", "sell_linear"):
+    for mod in ("bsr_linear", "nm_linear", "csr_linear", "bsr_conv2d", "nm_conv2d", "sell_linear", "csr_conv2d"):
         try:
             importlib.import_module(f"{__package__}.kernels.{mod}")
         except ImportError as e:

@@ -72,8 +72,8 @@ class ConvView(LinearView):
             return f"grouped conv (groups={self.conv['groups']}): no weight-sparse kernel; channel pruning covers it"
         if isinstance(self.conv["padding"], str):
             return f"padding={self.conv['padding']!r} is not supported by the sparse conv kernel"
-        if not isinstance(pattern, (Block, NM)):
-            return f"{type(pattern).__name__} on conv: only Block and NM have conv kernels"
+        if not isinstance(pattern, (Block, NM, Unstructured)):
+            return f"{type(pattern).__name__} on conv: only Block, NM and Unstructured have conv kernels"
         return None
 
     def scores(self, criterion, channel_norm, seed):
@@ -85,6 +85,8 @@ class ConvView(LinearView):
     def sparse_weight(self, pattern, s):
         from sparsify.codegen.kernels.bsr_conv2d import conv_weight_matrix
 
+        if isinstance(pattern, Unstructured):   # per output channel (Wanda) over all of its C*kh*kw
+            return self.w * criteria.mask_for(pattern, s.reshape(s.shape[0], -1)).reshape(s.shape)
         if isinstance(pattern, NM):
             from sparsify.codegen.kernels.nm_conv2d import nm_conv_mask
 

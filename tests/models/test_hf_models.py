@@ -291,7 +291,7 @@ def _first_rows(out, n: int) -> list[torch.Tensor]:
 
 
 # GPT-2 (Conv1D as addmm) and ViT (Linear) have layers a weight-sparse kernel serves; ResNet is convs
-# (kept dense with a reason) plus a Linear classifier. force=True makes the layers sparse although on
+# (csr_conv_torch where it is measured faster, else dense with a reason) plus a Linear classifier. force=True makes the layers sparse although on
 # CPU they are slower than dense, so the sparse ops really run inside the Hugging Face graphs.
 @pytest.mark.parametrize("force", [False, True], ids=["measured", "forced"])
 @pytest.mark.parametrize("name", ["gpt2", "vit", "resnet"])
@@ -315,8 +315,8 @@ def test_unstructured_within_budget(name, force, timings, monkeypatch):
     for fqn, lp in sm.plan.items():
         assert lp.status in (SPARSE, DENSE, ROLLED_BACK, FORCED), (fqn, lp.status)
         assert isinstance(lp.reason, str) and lp.reason.strip(), f"{fqn}: empty reason"
-        if lp.op == "conv2d":
-            assert lp.status == DENSE and "conv" in lp.reason
+        if lp.op == "conv2d":   # unstructured conv has one kernel: im2col + CSR (csr_conv_torch)
+            assert lp.status in (DENSE, ROLLED_BACK) or lp.kernel == "csr_conv_torch", (fqn, lp.reason)
         if lp.status in (SPARSE, FORCED):
             assert lp.kernel != "dense" and lp.sparsity == pytest.approx(0.5, abs=0.02)
     if force:

@@ -28,7 +28,7 @@ def test_forced_nm_conv_runs_nm_conv2d_and_matches_masked_dense():
     dev = kernel_device()
     model = _ConvNet().to(dev).eval()
     x = torch.randn(2, 8, 7, 9, generator=torch.Generator().manual_seed(1)).to(dev)
-    cfg = Config(weight=NM(2, 4), force=True, max_error=10.0, timing_repeats=2)
+    cfg = Config(weight=NM(2, 4), force=True, max_error=10.0, timing_repeats=2, kernels=("nm_conv_triton",))
     with runtime.force_triton():
         sm = sparsify.compile(model, (x,), cfg)
         out = sm(x)
