@@ -24,3 +24,16 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 
 def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Tensor:
     return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
+    """Ground truth for the sparse convs: float64 F.conv2d on the dense (masked) weight, then the
+    epilogue (activation, residual), in NCHW."""
+    import torch.nn.functional as F
+
+    from sparsify.codegen.epilogue import activation_reference
+
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    y = F.conv2d(d(x), d(w), d(bias), stride, padding, dilation)
+    y = activation_reference(y, activation)
+    return y if residual is None else y + d(residual)

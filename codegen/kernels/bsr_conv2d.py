@@ -485,15 +485,21 @@ def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
                 activation, out_dtype)
 
 
-@_bsr_conv2d_op.register_fake
-def _(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias=None, residual=None,
-      activation="none", out_dtype=None):
+def conv_output_like(x: torch.Tensor, o: int, kh: int, kw: int, stride, padding, dilation,
+                     out_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """An empty output of a sparse conv op: [N, O, Hout, Wout] in x's memory format (the fake impls)."""
     (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
                                     _pair(dilation, "dilation", 1))
     hout = _out_size(x.shape[2], kh, sh, ph, dh)
     wout = _out_size(x.shape[3], kw, sw, pw, dw)
     return torch.empty((x.shape[0], o, hout, wout), dtype=out_dtype or x.dtype, device=x.device,
                        memory_format=_out_memory_format(x))
+
+
+@_bsr_conv2d_op.register_fake
+def _(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias=None, residual=None,
+      activation="none", out_dtype=None):
+    return conv_output_like(x, o, kh, kw, stride, padding, dilation, out_dtype)
 
 
 def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] = None,

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
 # Conv geometry and the shared conv epilogue are bsr_conv2d's; the CSR plumbing is csr_linear's.
-from sparsify.codegen.kernels.bsr_conv2d import _out_memory_format, _out_size, _pair, conv_epilogue_reference
+from sparsify.codegen.kernels.bsr_conv2d import (_out_memory_format, _out_size, _pair, conv_epilogue_reference,
+                                                 conv_output_like)
 from sparsify.codegen.kernels.csr_linear import _check_indices, _csr_tensor, pack_csr
 
 # Part of the cost-cache key: bump when the computation or its checks change.
@@ -230,12 +231,7 @@ def _csr_conv2d_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, value
 @_csr_conv2d_op.register_fake
 def _(x, crow, col, values, o, kh, kw, stride, padding, dilation, bias=None, residual=None,
       activation="none", out_dtype=None):
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
-    hout = _out_size(x.shape[2], kh, sh, ph, dh)
-    wout = _out_size(x.shape[3], kw, sw, pw, dw)
-    return torch.empty((x.shape[0], o, hout, wout), dtype=out_dtype or x.dtype, device=x.device,
-                       memory_format=_out_memory_format(x))
+    return conv_output_like(x, o, kh, kw, stride, padding, dilation, out_dtype)
 
 
 def csr_conv2d(x: torch.Tensor, w_csr: torch.Tensor, kh: int, kw: int, bias: Optional[torch.Tensor] = None,

@@ -48,8 +48,8 @@ from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
 # Geometry, memory-format and groups rules are the block-sparse conv's; the weight format is nm_linear's.
 from sparsify.codegen.kernels.bsr_conv2d import (IntPair, _check_groups, _check_weight, _out_memory_format,
-                                                 conv_epilogue_reference, output_pixels,
-                                                  _out_size, _pair)
+                                                 conv_epilogue_reference, conv_output_like, output_pixels,
+                                                 _out_size, _pair)
 from sparsify.codegen.kernels.nm_linear import (NMWeight, _check_nm, _unpack, expand_nm_tile, meta_bits,
                                                  meta_cols, nm_mask, num_groups, pack_nm)
 
@@ -442,12 +442,7 @@ def _nm_conv2d_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o: 
 @_nm_conv2d_op.register_fake
 def _(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, bias=None, residual=None,
       activation="none", out_dtype=None):
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
-    hout = _out_size(x.shape[2], kh, sh, ph, dh)
-    wout = _out_size(x.shape[3], kw, sw, pw, dw)
-    return torch.empty((x.shape[0], o, hout, wout), dtype=resolve_out_dtype(x, out_dtype), device=x.device,
-                       memory_format=_out_memory_format(x))
+    return conv_output_like(x, o, kh, kw, stride, padding, dilation, out_dtype)
 
 
 def nm_conv2d(x: torch.Tensor, w: NMConvWeight, bias: Optional[torch.Tensor] = None,

@@ -4,10 +4,9 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 import triton
 
-from kernel_utils import DTYPES, TOLERANCE, poison, randn, rel_l2
+from kernel_utils import DTYPES, TOLERANCE, conv_f64, poison, randn, rel_l2
 from sparsify.codegen import runtime
 from sparsify.codegen.epilogue import ACTIVATIONS, activation_reference
 from sparsify.codegen.kernels.bsr_conv2d import (
@@ -42,13 +41,6 @@ def make_weight(o, c, kh, kw, block, density, gen, dtype, device, empty_row=None
     w = randn(o, c, kh, kw, generator=gen) / (c * kh * kw) ** 0.5 * dense_mask
     return w.to(device=device, dtype=dtype), mask
 
-
-def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
-    """Ground truth: float64 torch conv2d on the dense weight, then the epilogue, in NCHW."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    y = F.conv2d(d(x), d(w), d(bias), stride, padding, dilation)
-    y = activation_reference(y, activation)
-    return y if residual is None else y + d(residual)
 
 
 def run_and_check(x, bsr, stride=1, padding=0, dilation=1, bias=None, residual=None, activation="none",

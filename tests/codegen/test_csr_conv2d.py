@@ -3,10 +3,9 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernel_utils import DTYPES, TOLERANCE, poison, randn, rel_l2
-from sparsify.codegen.epilogue import ACTIVATIONS, activation_reference
+from kernel_utils import DTYPES, TOLERANCE, conv_f64, poison, randn, rel_l2
+from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels.csr_conv2d import (
     KERNEL_VERSION, csr_conv2d, csr_conv2d_reference, csr_conv2d_torch, pack_csr_conv,
 )
@@ -39,13 +38,6 @@ def _make_x(n, c, h, w, dtype, device, gen, channels_last=False):
 def _fmt(x):
     return CL if x.is_contiguous(memory_format=CL) and not x.is_contiguous() else torch.contiguous_format
 
-
-def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
-    """Ground truth: float64 torch conv2d on the dense (masked) weight, then the epilogue."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    y = F.conv2d(d(x), d(w), d(bias), stride, padding, dilation)
-    y = activation_reference(y, activation)
-    return y if residual is None else y + d(residual)
 
 
 def _run_and_check(x, w, stride=1, padding=0, dilation=1, bias=None, residual=None, activation="none",

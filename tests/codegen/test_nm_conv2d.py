@@ -4,11 +4,10 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernel_utils import DTYPES, TOLERANCE, poison, randn, rel_l2
+from kernel_utils import DTYPES, TOLERANCE, conv_f64, poison, randn, rel_l2
 from sparsify.codegen import runtime, weight_kernels
-from sparsify.codegen.epilogue import ACTIVATIONS, activation_reference
+from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels.nm_conv2d import (
     KERNEL_VERSION, NMConvWeight, _config_for, nm_conv2d, nm_conv2d_reference, nm_conv2d_triton,
     nm_conv_mask, nm_conv_weight_matrix, pack_nm_conv, unpack_nm_conv,
@@ -37,13 +36,6 @@ def make_x(c, gen, dtype=torch.float32, device="cpu", channels_last=False, n=N, 
     x = randn(n, c, h, w, dtype=dtype, device=device, generator=gen)
     return x.contiguous(memory_format=CL) if channels_last else x
 
-
-def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
-    """Ground truth: float64 torch conv2d on the dense masked weight, then the epilogue, in NCHW."""
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    y = F.conv2d(d(x), d(w), d(bias), stride, padding, dilation)
-    y = activation_reference(y, activation)
-    return y if residual is None else y + d(residual)
 
 
 def run_and_check(x, nmw, stride=1, padding=0, dilation=1, bias=None, residual=None, activation="none",
