@@ -385,3 +385,23 @@ def test_custom_op_compile_and_export(gen, device):
              and node.target == torch.ops.sparsify.csr_conv2d.default]
     assert len(nodes) == 1 and tuple(nodes[0].meta["val"].shape) == (2, O, 5, 6)
     torch.testing.assert_close(exported.module()(x, residual), eager)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU-sized (cuSPARSE through torch's CSR matmul; run by `pytest -m gpu`)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("geom", [(3, 1, 1), (1, 1, 0), (3, 2, 1)], ids=["3x3", "1x1", "3x3s2"])
+def test_gpu_resnet_layer(geom, dtype, gen):
+    """A ResNet-50 stage-3 conv at batch 4, 90% sparse, with the bias + relu + residual epilogue."""
+    k, stride, pad = geom
+    batch, c, o, hw = 4, 256, 256, 14
+    w = _sparse_weight(o, c, k, k, 0.9, dtype, "cuda", gen)
+    x = _make_x(batch, c, hw, hw, dtype, "cuda", gen)
+    hout = (hw + 2 * pad - k) // stride + 1
+    bias = randn(o, dtype=dtype, device="cuda", generator=gen)
+    residual = randn(batch, o, hout, hout, dtype=dtype, device="cuda", generator=gen)
+    _run_and_check(x, w, stride, pad, 1, bias, residual, "relu")
+    _run_and_check(x, w, stride, pad, 1)
