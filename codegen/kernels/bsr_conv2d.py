@@ -292,6 +292,22 @@ def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
+def conv_pairs(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """(stride, padding, dilation) as (h, w) pairs, checked (F.conv2d's conventions)."""
+    return _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+
+
+def conv_out_shape(x: torch.Tensor, o: int, kh: int, kw: int, pairs) -> tuple[int, int, int, int]:
+    """[N, O, Hout, Wout] of a conv of x (4-D) with a kh x kw kernel; raises where it would be empty."""
+    (stride2, padding2, dilation2), (n, _, h, w) = pairs, x.shape
+    hout = _out_size(h, kh, stride2[0], padding2[0], dilation2[0])
+    wout = _out_size(w, kw, stride2[1], padding2[1], dilation2[1])
+    if hout < 1 or wout < 1:
+        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
+                         f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
+    return n, o, hout, wout
+
+
 def _out_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The output keeps x's memory format: channels-last when x is (and is not also plain contiguous,
     as with C == 1 or H == W == 1), else contiguous NCHW."""
@@ -318,9 +334,7 @@ def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilatio
         if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "o" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'o' else 'positive'} int, "
                              f"got {v!r}")
-    stride2 = _pair(stride, "stride", 1)
-    padding2 = _pair(padding, "padding", 0)
-    dilation2 = _pair(dilation, "dilation", 1)
+    stride2, padding2, dilation2 = pairs = conv_pairs(stride, padding, dilation)
     allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
     if x.dtype not in allowed:
         raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
@@ -338,13 +352,7 @@ def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilatio
     for name, t in (("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    n, _, h, w = x.shape
-    hout = _out_size(h, kh, stride2[0], padding2[0], dilation2[0])
-    wout = _out_size(w, kw, stride2[1], padding2[1], dilation2[1])
-    if hout < 1 or wout < 1:
-        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
-                         f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
-    out_shape = (n, o, hout, wout)
+    out_shape = conv_out_shape(x, o, kh, kw, pairs)
     check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
     return block, (stride2, padding2, dilation2), out_shape
 
@@ -488,12 +496,8 @@ def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
 def conv_output_like(x: torch.Tensor, o: int, kh: int, kw: int, stride, padding, dilation,
                      out_dtype: Optional[torch.dtype]) -> torch.Tensor:
     """An empty output of a sparse conv op: [N, O, Hout, Wout] in x's memory format (the fake impls)."""
-    (sh, sw), (ph, pw), (dh, dw) = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
-    hout = _out_size(x.shape[2], kh, sh, ph, dh)
-    wout = _out_size(x.shape[3], kw, sw, pw, dw)
-    return torch.empty((x.shape[0], o, hout, wout), dtype=out_dtype or x.dtype, device=x.device,
-                       memory_format=_out_memory_format(x))
+    return torch.empty(conv_out_shape(x, o, kh, kw, conv_pairs(stride, padding, dilation)),
+                       dtype=out_dtype or x.dtype, device=x.device, memory_format=_out_memory_format(x))
 
 
 @_bsr_conv2d_op.register_fake
@@ -511,8 +515,7 @@ def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] =
     if x.dim() != 4 or x.shape[1] != w.c:
         raise ValueError(f"x must be [N, C={w.c}, H, W] for this weight (in_channels c={w.c}), "
                          f"got {tuple(x.shape)}")
-    stride2, padding2, dilation2 = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
+    stride2, padding2, dilation2 = conv_pairs(stride, padding, dilation)
     return torch.ops.sparsify.bsr_conv2d(x, w.values, w.row_ptr, w.col_idx, w.o, w.kh, w.kw,
                                          list(stride2), list(padding2), list(dilation2),
                                          bias, residual, activation, out_dtype)

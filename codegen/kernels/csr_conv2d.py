@@ -45,8 +45,8 @@ import torch.nn.functional as F
 
 from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
 # Conv geometry and the shared conv epilogue are bsr_conv2d's; the CSR plumbing is csr_linear's.
-from sparsify.codegen.kernels.bsr_conv2d import (_out_memory_format, _out_size, _pair, conv_epilogue_reference,
-                                                 conv_output_like)
+from sparsify.codegen.kernels.bsr_conv2d import (_out_memory_format, conv_epilogue_reference,
+                                                 conv_out_shape, conv_output_like, conv_pairs)
 from sparsify.codegen.kernels.csr_linear import _check_indices, _csr_tensor, pack_csr
 
 # Part of the cost-cache key: bump when the computation or its checks change.
@@ -83,9 +83,7 @@ def _check_args(x, crow, col, values, o, kh, kw, stride, padding, dilation, bias
         if not is_int(v) or v < (0 if name == "o" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'o' else 'positive'} int, "
                              f"got {v!r}")
-    stride2 = _pair(stride, "stride", 1)
-    padding2 = _pair(padding, "padding", 0)
-    dilation2 = _pair(dilation, "dilation", 1)
+    stride2, padding2, dilation2 = pairs = conv_pairs(stride, padding, dilation)
     allowed = _DTYPES if kernel_dtypes else _DTYPES + (torch.float64,)
     if x.dtype not in allowed:
         raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
@@ -103,13 +101,7 @@ def _check_args(x, crow, col, values, o, kh, kw, stride, padding, dilation, bias
     for name, t in (("crow", crow), ("col", col), ("values", values)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    n, _, h, w = x.shape
-    hout = _out_size(h, kh, stride2[0], padding2[0], dilation2[0])
-    wout = _out_size(w, kw, stride2[1], padding2[1], dilation2[1])
-    if hout < 1 or wout < 1:
-        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
-                         f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
-    out_shape = (n, o, hout, wout)
+    out_shape = conv_out_shape(x, o, kh, kw, pairs)
     check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
     return resolve_out_dtype(x, out_dtype), (stride2, padding2, dilation2), out_shape
 
@@ -250,8 +242,7 @@ def csr_conv2d(x: torch.Tensor, w_csr: torch.Tensor, kh: int, kw: int, bias: Opt
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] * kh * kw != k:
         raise ValueError(f"x must be [N, C, H, W] with C * kh * kw = {k} (the weight's columns; "
                          f"kh={kh}, kw={kw}), got {describe(x)}")
-    stride2, padding2, dilation2 = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
+    stride2, padding2, dilation2 = conv_pairs(stride, padding, dilation)
     return torch.ops.sparsify.csr_conv2d(x, w_csr.crow_indices(), w_csr.col_indices(), w_csr.values(), o,
                                          kh, kw, list(stride2), list(padding2), list(dilation2),
                                          bias, residual, activation, out_dtype)

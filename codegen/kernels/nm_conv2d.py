@@ -48,8 +48,8 @@ from sparsify.codegen.kernels._host import cdiv
 from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
 # Geometry, memory-format and groups rules are the block-sparse conv's; the weight format is nm_linear's.
 from sparsify.codegen.kernels.bsr_conv2d import (IntPair, _check_groups, _check_weight, _out_memory_format,
-                                                 conv_epilogue_reference, conv_output_like, output_pixels,
-                                                 _out_size, _pair)
+                                                 conv_epilogue_reference, conv_out_shape, conv_output_like,
+                                                 conv_pairs, output_pixels)
 from sparsify.codegen.kernels.nm_linear import (NMWeight, _check_nm, _unpack, expand_nm_tile, meta_bits,
                                                  meta_cols, nm_mask, num_groups, pack_nm)
 
@@ -292,9 +292,7 @@ def _check_args(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, 
             raise ValueError(f"{name} must be a {'non-negative' if lowest == 0 else 'positive'} int, "
                              f"got {v!r}")
     n, m = _check_nm(n, m)
-    stride2 = _pair(stride, "stride", 1)
-    padding2 = _pair(padding, "padding", 0)
-    dilation2 = _pair(dilation, "dilation", 1)
+    stride2, padding2, dilation2 = pairs = conv_pairs(stride, padding, dilation)
     allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
     if x.dtype not in allowed:
         raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
@@ -317,13 +315,7 @@ def _check_args(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, 
     for name, t in (("values", values), ("meta", meta)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    batch, _, h, w = x.shape
-    hout = _out_size(h, kh, stride2[0], padding2[0], dilation2[0])
-    wout = _out_size(w, kw, stride2[1], padding2[1], dilation2[1])
-    if hout < 1 or wout < 1:
-        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
-                         f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
-    out_shape = (batch, o, hout, wout)
+    out_shape = conv_out_shape(x, o, kh, kw, pairs)
     check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
     return (stride2, padding2, dilation2), out_shape, resolve_out_dtype(x, out_dtype)
 
@@ -454,8 +446,7 @@ def nm_conv2d(x: torch.Tensor, w: NMConvWeight, bias: Optional[torch.Tensor] = N
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != w.c:
         raise ValueError(f"x must be [N, C={w.c}, H, W] for this weight (in_channels c={w.c}), "
                          f"got {describe(x)}")
-    stride2, padding2, dilation2 = (_pair(stride, "stride", 1), _pair(padding, "padding", 0),
-                                    _pair(dilation, "dilation", 1))
+    stride2, padding2, dilation2 = conv_pairs(stride, padding, dilation)
     return torch.ops.sparsify.nm_conv2d(x, w.values, w.meta, w.o, w.c, w.kh, w.kw, w.n, w.m,
                                         list(stride2), list(padding2), list(dilation2),
                                         bias, residual, activation, out_dtype)
