@@ -168,8 +168,9 @@ class SparseModule(nn.Module):
                 self._install(cap, part, gm)
 
         build()
-        self._verify_and_roll_back(cap, batches, build)
-        self._check_model_speed(cap, batches, build)
+        dense = self._run_all(self._model, batches)   # the reference outputs, for every error below
+        self._verify_and_roll_back(cap, batches, dense, build)
+        self._check_model_speed(cap, batches, dense, build)
         self._pass_through_if_dense(cap)
         self._compiled[_signature(args, kwargs)] = cap
         self.capture_info = cap
@@ -193,11 +194,10 @@ class SparseModule(nn.Module):
         with torch.no_grad():
             return [root(*a, **k) for a, k in batches]
 
-    def _verify_and_roll_back(self, cap: Capture, batches, build) -> None:
+    def _verify_and_roll_back(self, cap: Capture, batches, dense, build) -> None:
         """Model output error vs dense on the calibration data; roll back layers until in budget."""
         budget = self.config.max_error
         self._say("verify against dense")
-        dense = self._run_all(self._model, batches)
         while True:
             err = output_error(dense, self._run_all(cap.root, batches))
             self._record_error(err)
@@ -217,7 +217,7 @@ class SparseModule(nn.Module):
         for lp in self.plan.sparse_layers():
             lp.model_error = err
 
-    def _check_model_speed(self, cap: Capture, batches, build) -> None:
+    def _check_model_speed(self, cap: Capture, batches, dense, build) -> None:
         """Per-layer timings miss what only shows end to end (launch gaps, layout copies): time the
         compiled model against dense on the first calibration batch. While it is slower, the half
         of the sparse layers that save the least per call (measured per layer) goes dense and the
@@ -247,7 +247,7 @@ class SparseModule(nn.Module):
             self._say(why)
             build()
             # fewer sparse layers, another model error (pruned channels, if any, still count)
-            self._record_error(output_error(self._run_all(self._model, batches), self._run_all(cap.root, batches)))
+            self._record_error(output_error(dense, self._run_all(cap.root, batches)))
             if len(drop) == len(sparse):
                 return
 
