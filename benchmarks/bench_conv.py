@@ -29,6 +29,7 @@ A --smoke run checks code paths only; its timings are the interpreter's and mean
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -121,7 +122,7 @@ def run(args, device, dtype, rows, say):
                 else:   # NCHW in and out, the layout MKL's im2col path wants
                     packed = csr_mod.pack_csr_conv(wm)
                     fn = lambda: csr_mod.csr_conv2d(x, packed, k, k, None, stride, pad)  # noqa: E731
-                with runtime.force_triton() if device.type == "cpu" and provider != "sparsify-csr" else _nullcontext():
+                with runtime.force_triton() if device.type == "cpu" and provider != "sparsify-csr" else contextlib.nullcontext():
                     row["err"] = rel_err(fn(), ref)
                     row["ms"] = t(fn)
                 row["ratio"] = best / row["ms"]
@@ -131,14 +132,6 @@ def run(args, device, dtype, rows, say):
                 traceback.print_exc(limit=2)
             rows.append(row)
             say(row)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def table(rows, tol: float, smoke_cpu: bool) -> str:
