@@ -47,7 +47,7 @@ from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe
 # Conv geometry and the shared conv epilogue are bsr_conv2d's; the CSR plumbing is csr_linear's.
 from sparsify.codegen.kernels.bsr_conv2d import (_out_memory_format, conv_epilogue_reference,
                                                  conv_out_shape, conv_output_like, conv_pairs)
-from sparsify.codegen.kernels.csr_linear import _check_indices, _csr_tensor, pack_csr
+from sparsify.codegen.kernels.csr_linear import _check_indices, _csr_tensor, check_csr_buffers, pack_csr
 
 # Part of the cost-cache key: bump when the computation or its checks change.
 KERNEL_VERSION = "csr_conv2d-1"
@@ -89,18 +89,7 @@ def _check_args(x, crow, col, values, o, kh, kw, stride, padding, dilation, bias
         raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
     if values.dtype != x.dtype:
         raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
-    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
-        raise TypeError(f"crow and col must share an index dtype in {_INDEX_DTYPES}, got "
-                        f"{crow.dtype} and {col.dtype}")
-    if crow.dim() != 1 or crow.shape[0] != o + 1:
-        raise ValueError(f"crow must be [o + 1] = [{o + 1}] (one row per output channel), got "
-                         f"{tuple(crow.shape)}")
-    if col.dim() != 1 or values.dim() != 1 or col.shape[0] != values.shape[0]:
-        raise ValueError(f"col and values must be 1-D of the same length nnz, got {tuple(col.shape)} "
-                         f"and {tuple(values.shape)}")
-    for name, t in (("crow", crow), ("col", col), ("values", values)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_csr_buffers(x, crow, col, values, o, "o", " (one row per output channel)")
     out_shape = conv_out_shape(x, o, kh, kw, pairs)
     check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
     return resolve_out_dtype(x, out_dtype), (stride2, padding2, dilation2), out_shape

@@ -74,6 +74,21 @@ def unpack_csr(w: torch.Tensor) -> torch.Tensor:
     return w.to_dense()
 
 
+def check_csr_buffers(x, crow, col, values, rows: int, rows_name: str, why: str = "") -> None:
+    """dtypes, shapes and devices of a CSR weight's (crow, col, values) with `rows` rows, for x."""
+    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
+        raise TypeError(f"crow and col must share an index dtype in {_INDEX_DTYPES}, got "
+                        f"{crow.dtype} and {col.dtype}")
+    if crow.dim() != 1 or crow.shape[0] != rows + 1:
+        raise ValueError(f"crow must be [{rows_name} + 1] = [{rows + 1}]{why}, got {tuple(crow.shape)}")
+    if col.dim() != 1 or values.dim() != 1 or col.shape[0] != values.shape[0]:
+        raise ValueError(f"col and values must be 1-D of the same length nnz, got {tuple(col.shape)} "
+                         f"and {tuple(values.shape)}")
+    for name, t in (("crow", crow), ("col", col), ("values", values)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
 def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
                 kernel_dtypes: bool) -> torch.dtype:
     """Shared argument checks of the wrapper and the reference; returns the output dtype."""
@@ -81,17 +96,7 @@ def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, o
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     check_linear_input(x, values, n_out, k_in, _DTYPES if kernel_dtypes else _DTYPES + (torch.float64,))
-    if crow.dtype not in _INDEX_DTYPES or col.dtype != crow.dtype:
-        raise TypeError(f"crow and col must share an index dtype in {_INDEX_DTYPES}, got "
-                        f"{crow.dtype} and {col.dtype}")
-    if crow.dim() != 1 or crow.shape[0] != n_out + 1:
-        raise ValueError(f"crow must be [n_out + 1] = [{n_out + 1}], got {tuple(crow.shape)}")
-    if col.dim() != 1 or values.dim() != 1 or col.shape[0] != values.shape[0]:
-        raise ValueError(f"col and values must be 1-D of the same length nnz, got {tuple(col.shape)} "
-                         f"and {tuple(values.shape)}")
-    for name, t in (("crow", crow), ("col", col), ("values", values)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_csr_buffers(x, crow, col, values, n_out, "n_out")
     check_linear_epilogue(x, n_out, bias, residual, activation)
     return resolve_out_dtype(x, out_dtype)
 
