@@ -22,7 +22,7 @@ timings: the Triton providers would run in the interpreter there.
 strawman. There is no PyTorch weight-sparse conv to compare with. Each provider's output is checked
 against float32 F.conv2d on the masked weight (relative L2, WRONG above --tol).
 
-Timing: `sparsify.passes.analysis.cost.measure_ms`, the cost model's own timer (CUDA: back-to-back
+Timing: `sparsify.timing.measure_ms`, the cost model's own timer (CUDA: back-to-back
 calls between events, so host launch cost counts as it does inside a model; CPU: minimum of repeats).
 A --smoke run checks code paths only; its timings are the interpreter's and mean nothing.
 """
@@ -75,7 +75,7 @@ def _sparsify():
     from sparsify.codegen import runtime
     from sparsify.codegen.kernels import bsr_conv2d, csr_conv2d, nm_conv2d
     from sparsify.passes.analysis.choose import ConvView
-    from sparsify.passes.analysis.cost import measure_ms
+    from sparsify.timing import measure_ms
     from sparsify.patterns import NM, Block, Unstructured
     return runtime, bsr_conv2d, nm_conv2d, csr_conv2d, ConvView, measure_ms, NM, Block, Unstructured
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         if args.out:
             path = Path(args.out)
         elif device.type == "cpu":
-            from sparsify.passes.analysis.cost import device_name
+            from sparsify.timing import device_name
             path = RESULTS / f"{device_name(device)}-conv.md"
         else:
             path = RESULTS / f"{device_slug(device)}-conv.md"

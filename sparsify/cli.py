@@ -37,7 +37,7 @@ def parse_pattern(text: str):
 
 
 def _time_ms(fn, device) -> float:
-    from .passes.analysis.cost import measure_ms  # the cost model's timer: back-to-back calls
+    from .timing import measure_ms  # the planner's timer: back-to-back calls
 
     return measure_ms(fn, device)
 

@@ -224,7 +224,7 @@ class SparseModule(nn.Module):
         model is timed again, so a few clear wins survive a crowd of marginal ones."""
         if not self.config.check_model_speed or self.config.force or not self.plan.sparse_layers() or not batches:
             return  # force means "sparse even where slower": the user asked for it
-        from .passes.analysis.cost import compare_ms
+        from .timing import compare_ms
 
         args, kwargs = batches[0]
         self._say("time the compiled model against dense end to end")

@@ -202,7 +202,7 @@ def test_channel_pruning_through_compile_keeps_output_shape_and_reports():
 
 def test_compiled_model_slower_end_to_end_is_rolled_back(monkeypatch):
     """Per-layer wins that vanish end to end (launch overhead) must not ship: everything goes dense."""
-    from sparsify.passes.analysis import cost
+    from sparsify import timing as cost
 
     model = MLP()
     x = mlp_input(8)
@@ -231,7 +231,7 @@ def test_end_to_end_rollback_keeps_the_layers_that_save_the_most(monkeypatch):
     """Slower end to end with 3 sparse layers: the 2 with the smallest per-layer saving go dense
     first; faster with only fc1 sparse, so fc1 ships and the report's numbers are the final ones."""
     from sparsify.metrics import output_error
-    from sparsify.passes.analysis import cost
+    from sparsify import timing as cost
 
     model = MLP()
     x = mlp_input(8)
@@ -261,7 +261,7 @@ def test_end_to_end_rollback_keeps_the_layers_that_save_the_most(monkeypatch):
 
 def test_end_to_end_timings_are_interleaved():
     """Dense and compiled are timed call for call in turn, so machine drift hits both alike."""
-    from sparsify.passes.analysis.cost import compare_ms
+    from sparsify.timing import compare_ms
 
     order = []
     a_ms, b_ms = compare_ms([lambda: order.append("a"), lambda: order.append("b")], torch.device("cpu"), repeats=3)

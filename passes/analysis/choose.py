@@ -20,7 +20,7 @@ from sparsify.pipeline import PassContext, PassResult, register_pass
 from sparsify.plan import FORCED, PRUNED, SPARSE, Candidate, LayerPlan
 
 from . import criteria
-from .cost import CostModel
+from sparsify.timing import CostModel
 from .sensitivity import ModelSensitivity
 
 DEFAULT_AUTO_CANDIDATES = (NM(2, 4), Block(32, 0.5), Block(64, 0.25), Unstructured(0.9))

@@ -4,7 +4,7 @@ import torch
 
 import sparsify
 from sparsify import Auto, Config, Unstructured
-from sparsify.passes.analysis import cost as cost_mod
+from sparsify import timing as cost_mod
 from tests.helpers import MLP, mlp_input
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 import sparsify
 from sparsify import Config, Unstructured, ir
-from sparsify.passes.analysis import cost
+from sparsify import timing as cost
 from sparsify.plan import DENSE, SPARSE
 
 

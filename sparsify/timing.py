@@ -1,8 +1,10 @@
-"""Cost model: time candidate kernels at a layer's real shapes on the target device, cached on disk.
+"""Timing on the ground floor: the timer the planner, the end-to-end check and the benchmarks share.
 
-Keys are (device name, dtype, input shape, weight shape, pattern, kernel name + version). Timing is
-`triton.testing.do_bench` (median, events) on CUDA and a perf_counter median on CPU. Where timing is
-impossible (no such device here) an analytic roofline estimate is returned, marked "estimated".
+`measure_ms` / `compare_ms` time functions as a model calls them (back-to-back calls; on CPU the
+minimum of interleaved single calls). `CostModel` memoises measured times in memory and on disk
+(`SPARSIFY_CACHE_DIR`, default ~/.cache/sparsify/cost.json) under keys that start with the device
+name, the torch version and the timing method, followed by what the caller passes (kernel name and
+version, pattern, shapes). Nothing is estimated: a time is measured or absent.
 """
 from __future__ import annotations
 
@@ -78,7 +80,6 @@ class CostModel:
                 pass  # a read-only home must not break compilation; timings stay in memory
 
 
-
 def measure_ms(fn, device: torch.device, repeats: int = 20) -> float:
     """Time per call as a model sees it: calls back to back, host and device both counted.
 
@@ -129,9 +130,3 @@ def compare_ms(fns, device: torch.device, repeats: int = 20) -> list[float]:
         # cached on disk would decide layers for good.
         return [min(s) for s in samples]
 
-
-
-
-def roofline_ms(flops: float, bytes_moved: float, peak_tflops: float, peak_gbps: float) -> float:
-    """Lower bound on time from arithmetic and memory traffic (used only where timing is impossible)."""
-    return max(flops / (peak_tflops * 1e9), bytes_moved / (peak_gbps * 1e6))
