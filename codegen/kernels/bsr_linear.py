@@ -12,30 +12,34 @@ N and K that are not multiples of `block` are zero-padded at packing time; the k
 x loads past K and the stores past N, so the padding never reaches the result.
 
 Entry points: `pack_bsr` / `unpack_bsr` / `block_mask_from_scores` (host-side weight handling),
-`bsr_linear_triton` (Triton launch), `bsr_linear_reference` (torch, same signature), and
-`bsr_linear` (the `sparsify::bsr_linear` custom op, which works under torch.compile and torch.export).
+`bsr_linear_host` with its two implementations `bsr_linear_triton` (Triton launch) and
+`bsr_linear_reference` (torch), `bsr_linear` (through the `sparsify::bsr_linear` custom op, which works
+under torch.compile and torch.export), and `SPEC`, the kernel's entry in the registry.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from sparsify.codegen.kernels._host import cdiv
+from sparsify.codegen import runtime
+from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_out, describe, linear_output,
                                               resolve_out_dtype)
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
-from sparsify.codegen import runtime
+from sparsify.codegen.kernels._common import (INPUT_PRECISIONS, KERNEL_DTYPES, REFERENCE_DTYPES, SMEM_BUDGET,
+                                              cdiv, linear_out_like, resolve_impl)
+from sparsify.codegen.spec import KernelSpec
+from sparsify.patterns import Block
+from sparsify.state import Prepared
 
 # Part of the cost-cache key: bump when the kernel's code or launch heuristics change.
 KERNEL_VERSION = "bsr_linear-2"
 
 _BLOCK_SIZES = (16, 32, 64, 128)
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,10 +210,6 @@ def _bsr_linear_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Shared memory one program may use for its load buffers: fits A100 (164 KB) and H100/H200 (227 KB).
-_SMEM_BUDGET = 160 * 1024
-
-
 def _config_for(M: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_M, num_warps, num_stages) for a launch. A hand heuristic until GPU tuning replaces it:
     BLOCK_M follows M so tiny M does not waste a 128-row tile; warps grow with the tile.
@@ -224,22 +224,22 @@ def _config_for(M: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
         # H100 fp16 sweep (4096 x 4096, M = 2048 and 8192, densities 0.1 and 0.5): 64-row tiles with
         # 4 warps beat the 128-row, 8-warp default for 128-blocks by 10-18% (e.g. 0.0977 vs 0.119 ms
         # at M = 2048, density 0.5); BLOCK_M = 256 with 8 warps was best at M = 8192 but needs more
-        # shared memory than _SMEM_BUDGET allows for two buffers.
-        return 64, 4, (3 if 2 * (64 * block + block * block) * dtype.itemsize <= _SMEM_BUDGET else 1)
+        # shared memory than SMEM_BUDGET allows for two buffers.
+        return 64, 4, (3 if 2 * (64 * block + block * block) * dtype.itemsize <= SMEM_BUDGET else 1)
     tile = block_m * block
     num_warps = 2 if tile <= 512 else 4 if tile <= 8192 else 8
     per_stage = (block_m * block + block * block) * dtype.itemsize
-    num_stages = 3 if 2 * per_stage <= _SMEM_BUDGET else 1
+    num_stages = 3 if 2 * per_stage <= SMEM_BUDGET else 1
     return block_m, num_warps, num_stages
 
 
 # ----------------------------------------------------------------------------------------------
-# Host wrapper and reference
+# Host function: checks, then the kernel or the reference
 # ----------------------------------------------------------------------------------------------
 
 def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, out_dtype,
                 kernel_dtypes: bool):
-    """Shared argument checks of the wrapper and the reference; returns (block, K, out_dtype)."""
+    """Argument checks of both implementations; returns (block, K, out_dtype)."""
     for name, t in (("x", x), ("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -250,7 +250,7 @@ def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, 
         raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the K features)")
-    allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
+    allowed = KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES
     if x.dtype not in allowed:
         raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
     if values.dtype != x.dtype:
@@ -290,32 +290,51 @@ def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, check: Optional[b
                          f"last={int(row_ptr[-1])}")
 
 
-def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-                      col_idx: torch.Tensor, n_out: int, bias: Optional[torch.Tensor] = None,
-                      residual: Optional[torch.Tensor] = None, activation: str = "none",
-                      out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                      block_m: Optional[int] = None, num_warps: Optional[int] = None,
-                      num_stages: Optional[int] = None, input_precision: str = "tf32",
-                      check_indices: Optional[bool] = None) -> torch.Tensor:
-    """y[..., n_out] = epilogue(x[..., K] @ W^T) with W given in BSR form; launches the Triton kernel.
+def bsr_linear_host(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                    n_out: int, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                    activation: str = "none", out_dtype: Optional[torch.dtype] = None,
+                    out: Optional[torch.Tensor] = None, *, impl: str = "auto", block_m: Optional[int] = None,
+                    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                    input_precision: str = "tf32", check_indices: Optional[bool] = None) -> torch.Tensor:
+    """y[..., n_out] = epilogue(x[..., K] @ W^T) with W given in BSR form.
 
-    `out`, if given, is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype).
-    block_m / num_warps / num_stages override `_config_for`; input_precision applies to fp32 inputs
-    ("tf32" default, "ieee" for exact fp32 products).
+    impl: "triton" (launch the kernel), "reference" (unpack W, multiply in float32, float64 for
+    float64 inputs: the tests' ground truth), or "auto" (see _common.resolve_impl). `out`, if given,
+    is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype). block_m / num_warps /
+    num_stages override `_config_for`; input_precision applies to fp32 inputs ("tf32" default,
+    "ieee" for exact fp32 products); the reference ignores the launch arguments.
     """
+    impl = resolve_impl(impl, x.device)
     block, k, out_dtype = _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation,
-                                      out_dtype, kernel_dtypes=True)
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+                                      out_dtype, kernel_dtypes=impl == "triton")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, check_indices)
+    if impl == "reference":
+        check_out(out, tuple(x.shape[:-1]) + (n_out,), out_dtype, x.device)
+        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = x.to(acc_dtype) @ _unpack(values, row_ptr, col_idx, n_out, k).to(acc_dtype).t()
+        epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
+        y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
+        return y if out is None else out.copy_(y)
     out, m = linear_output(x, n_out, out_dtype, out)
     if m == 0 or n_out == 0:
         return out
+    _launch(x.reshape(m, k), values, row_ptr, col_idx, bias, residual, activation, out.view(m, n_out), block,
+            block_m, num_warps, num_stages, input_precision)
+    return out
 
-    x2 = x.reshape(m, k)
+
+bsr_linear_triton = functools.partial(bsr_linear_host, impl="triton")
+bsr_linear_reference = functools.partial(bsr_linear_host, impl="reference")
+
+
+def _launch(x2, values, row_ptr, col_idx, bias, residual, activation, out2, block, block_m, num_warps,
+            num_stages, input_precision) -> None:
+    """The kernel on x2 [m, k] into out2 [m, n_out] (launch arguments: `bsr_linear_host`)."""
+    (m, k), n_out = x2.shape, out2.shape[1]
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    out2 = out.view(m, n_out)
     # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
     bias_arg = bias.contiguous() if bias is not None else out2
     if residual is not None:
@@ -323,11 +342,10 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
         stride_rm, stride_rn = res2.stride()
     else:
         res2, stride_rm, stride_rn = out2, 0, 0
-
-    cfg_m, cfg_warps, cfg_stages = _config_for(m, block, x.dtype)
+    cfg_m, cfg_warps, cfg_stages = _config_for(m, block, x2.dtype)
     block_m = block_m or cfg_m
     grid = (cdiv(m, block_m), cdiv(n_out, block))
-    upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
+    upcast = x2.dtype == torch.bfloat16 and runtime.interpreter_on()
     _bsr_linear_kernel[grid](
         x2, values.contiguous(), row_ptr, col_idx, bias_arg, res2, out2,
         m, n_out, k,
@@ -338,52 +356,6 @@ def bsr_linear_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST_DOT=upcast,
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
-    return out
-
-
-def bsr_linear_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-                         col_idx: torch.Tensor, n_out: int, bias: Optional[torch.Tensor] = None,
-                         residual: Optional[torch.Tensor] = None, activation: str = "none",
-                         out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                         block_m: Optional[int] = None, num_warps: Optional[int] = None,
-                         num_stages: Optional[int] = None, input_precision: str = "tf32",
-                         check_indices: Optional[bool] = None) -> torch.Tensor:
-    """Torch version of `bsr_linear_triton` (same signature; launch tuning arguments are ignored).
-
-    Unpacks W, multiplies in float32 (float64 for float64 inputs, which the tests use as ground truth),
-    then applies the shared epilogue's torch implementation.
-    """
-    block, k, out_dtype = _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation,
-                                      out_dtype, kernel_dtypes=False)
-    _check_indices(x, row_ptr, col_idx, values.shape[0], block, check_indices)
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = _unpack(values, row_ptr, col_idx, n_out, k).to(acc_dtype)
-    acc = x.to(acc_dtype) @ w.t()
-    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-    y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
-    if out is None:
-        return y
-    return out.copy_(y)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op: what models call, so torch.compile / torch.export see one opaque node
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsify::bsr_linear", mutates_args=())
-def _bsr_linear_op(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                   n_out: int, bias: Optional[torch.Tensor] = None,
-                   residual: Optional[torch.Tensor] = None, activation: str = "none",
-                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    impl = bsr_linear_triton if runtime.use_triton(x.device) else bsr_linear_reference
-    return impl(x, values, row_ptr, col_idx, n_out, bias, residual, activation, out_dtype)
-
-
-@_bsr_linear_op.register_fake
-def _(x, values, row_ptr, col_idx, n_out, bias=None, residual=None, activation="none", out_dtype=None):
-    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
 
 
 def bsr_linear(x: torch.Tensor, bsr: BSRWeight, bias: Optional[torch.Tensor] = None,
@@ -394,3 +366,21 @@ def bsr_linear(x: torch.Tensor, bsr: BSRWeight, bias: Optional[torch.Tensor] = N
         raise ValueError(f"x.shape[-1]={x.shape[-1]} does not match the weight's in_features k={bsr.k}")
     return torch.ops.sparsify.bsr_linear(x, bsr.values, bsr.row_ptr, bsr.col_idx, bsr.n,
                                          bias, residual, activation, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The spec: what the registry finds; its op is what models call (one opaque node for torch.compile
+# and torch.export)
+# ----------------------------------------------------------------------------------------------
+
+def _pack(weight: torch.Tensor, pattern, layer: Optional[dict] = None) -> Prepared:
+    b = pack_bsr(weight, pattern.block)
+    return Prepared({"values": b.values, "row_ptr": b.row_ptr, "col_idx": b.col_idx}, {"n_out": weight.shape[0]})
+
+
+SPEC = KernelSpec(
+    name="bsr_triton", op="sparsify::bsr_linear",
+    schema="(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, SymInt n_out, Tensor? bias=None, "
+           "Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
+    patterns=(Block,), replaces="linear", devices=("cuda",), interpretable=True,
+    impl=bsr_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)

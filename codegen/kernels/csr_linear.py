@@ -15,12 +15,14 @@ Dtypes: MKL's CSR kernels exist only for float32/float64, so on CPU float16/bflo
 computed in float32 (values and x upcast per call) and the result cast back; that is the float32
 accumulation every sparsify linear promises anyway. On CUDA the inputs' dtype goes to cuSPARSE as is.
 
-Entry points: `pack_csr` / `csr_parts` / `unpack_csr`, `csr_linear_torch` (the torch-CSR path),
-`csr_linear_reference` (dense torch, same signature), `csr_linear` (the `sparsify::csr_linear` custom
-op, works under torch.compile and torch.export).
+Entry points: `pack_csr` / `csr_parts` / `unpack_csr`, `csr_linear_host` with `csr_linear_torch`
+(the torch-CSR path) and `csr_linear_reference` (dense torch) as its two implementations, `csr_linear`
+(through the `sparsify::csr_linear` custom op, which works under torch.compile and torch.export), and
+`SPEC`, the kernel's entry in the registry.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -28,14 +30,17 @@ from typing import Optional
 
 import torch
 
+from sparsify.codegen.epilogue import Epilogue, apply_reference
 from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out,
                                                resolve_out_dtype)
-from sparsify.codegen.epilogue import Epilogue, apply_reference
+from sparsify.codegen.kernels._common import KERNEL_DTYPES, REFERENCE_DTYPES, linear_out_like, resolve_impl
+from sparsify.codegen.spec import KernelSpec
+from sparsify.patterns import NM, Block, Unstructured
+from sparsify.state import Prepared
 
 # Part of the cost-cache key: bump when the computation or its checks change.
 KERNEL_VERSION = "csr_linear-2"
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
@@ -91,11 +96,11 @@ def check_csr_buffers(x, crow, col, values, rows: int, rows_name: str, why: str 
 
 def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
                 kernel_dtypes: bool) -> torch.dtype:
-    """Shared argument checks of the wrapper and the reference; returns the output dtype."""
+    """Argument checks of every implementation; returns the output dtype."""
     for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_linear_input(x, values, n_out, k_in, _DTYPES if kernel_dtypes else _DTYPES + (torch.float64,))
+    check_linear_input(x, values, n_out, k_in, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     check_csr_buffers(x, crow, col, values, n_out, "n_out")
     check_linear_epilogue(x, n_out, bias, residual, activation)
     return resolve_out_dtype(x, out_dtype)
@@ -154,77 +159,62 @@ def _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype):
     return apply_reference(acc, epi, bias=bias, residual=res2, out_dtype=out_dtype)
 
 
-def csr_linear_torch(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                     n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
-                     residual: Optional[torch.Tensor] = None, activation: str = "none",
-                     out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                     check_indices: Optional[bool] = None) -> torch.Tensor:
+def csr_linear_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
+                    n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
+                    residual: Optional[torch.Tensor] = None, activation: str = "none",
+                    out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
+                    impl: str = "auto", check_indices: Optional[bool] = None) -> torch.Tensor:
     """y[..., n_out] = epilogue(x[..., k_in] @ W^T) with W = CSR(crow, col, values) [n_out, k_in].
 
-    `out`, if given, is written and returned (x.shape[:-1] + (n_out,), out_dtype, default x's dtype).
+    impl: "torch" (torch's CSR matmul: MKL on CPU, cuSPARSE on CUDA; what "auto" runs) or
+    "reference" (densify W and multiply in float32, float64 for float64 inputs: the tests' ground
+    truth). `out`, if given, is written and returned (x.shape[:-1] + (n_out,), out_dtype, default
+    x's dtype).
     """
+    impl = resolve_impl(impl, x.device, ("torch", "reference"))
     out_dtype = _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
-                            kernel_dtypes=True)
+                            kernel_dtypes=impl == "torch")
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(x.shape[:-1])
     check_out(out, lead + (n_out,), out_dtype, x.device)
     rows = math.prod(lead)
-    if rows == 0 or n_out == 0:
+    if impl == "reference":
+        acc = _dense_product(x, crow, col, values, n_out, k_in)
+    elif rows == 0 or n_out == 0:
         return out if out is not None else x.new_empty(lead + (n_out,), dtype=out_dtype)
-    # See the module docstring: MKL has no half-precision CSR kernels.
-    compute = x.dtype if (x.is_cuda or x.dtype == torch.float32) else torch.float32
-    w = _csr_tensor(crow, col, values, compute, n_out, k_in)
-    x2 = x.reshape(rows, k_in).to(compute)
-    acc = torch.mm(w, x2.t()).t()                                     # [rows, n_out]
-    if bias is None and residual is None and activation == "none":
-        y = acc.to(out_dtype).reshape(lead + (n_out,))
     else:
+        acc = _csr_product(x, crow, col, values, n_out, k_in, rows)
+        if bias is None and residual is None and activation == "none":
+            y = acc.to(out_dtype).reshape(lead + (n_out,))
+            return out.copy_(y) if out is not None else y.contiguous()
         if acc.dtype != torch.float32:
             acc = acc.float()
-        y = _epilogue(acc, bias, residual, activation, rows, n_out, out_dtype).reshape(lead + (n_out,))
+    y = _epilogue(acc, bias, residual, activation, acc.shape[0], n_out, out_dtype).reshape(lead + (n_out,))
     if out is not None:
         return out.copy_(y)
     return y.contiguous()
 
 
-def csr_linear_reference(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                         n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
-                         residual: Optional[torch.Tensor] = None, activation: str = "none",
-                         out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                         check_indices: Optional[bool] = None) -> torch.Tensor:
-    """Dense torch version of `csr_linear_torch` (same signature): densify W, multiply in float32
-    (float64 for float64 inputs, which the tests use as ground truth), apply the shared epilogue."""
-    out_dtype = _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
-                            kernel_dtypes=False)
-    _check_indices(crow, col, k_in, check_indices)
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
+csr_linear_torch = functools.partial(csr_linear_host, impl="torch")
+csr_linear_reference = functools.partial(csr_linear_host, impl="reference")
+
+
+def _csr_product(x, crow, col, values, n_out: int, k_in: int, rows: int) -> torch.Tensor:
+    """x @ W^T [rows, n_out] through torch's CSR matmul: y^T = W_csr @ x^T, transposed back."""
+    # See the module docstring: MKL has no half-precision CSR kernels.
+    compute = x.dtype if (x.is_cuda or x.dtype == torch.float32) else torch.float32
+    w = _csr_tensor(crow, col, values, compute, n_out, k_in)
+    return torch.mm(w, x.reshape(rows, k_in).to(compute).t()).t()
+
+
+def _dense_product(x, crow, col, values, n_out: int, k_in: int) -> torch.Tensor:
+    """x @ W^T with W densified, in float32 (float64 for float64 x)."""
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     counts = (crow[1:] - crow[:-1]).long()
     row_of = torch.repeat_interleave(torch.arange(n_out, device=x.device), counts)
     w = torch.zeros(n_out, k_in, dtype=acc_dtype, device=x.device)
     w.index_put_((row_of, col.long()), values.to(acc_dtype), accumulate=True)
-    acc = x.reshape(-1, k_in).to(acc_dtype) @ w.t()
-    y = _epilogue(acc, bias, residual, activation, acc.shape[0], n_out, out_dtype).reshape(lead + (n_out,))
-    return y if out is None else out.copy_(y)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op: what models call, so torch.compile / torch.export see one opaque node
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsify::csr_linear", mutates_args=())
-def _csr_linear_op(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor,
-                   n_out: int, k_in: int, bias: Optional[torch.Tensor] = None,
-                   residual: Optional[torch.Tensor] = None, activation: str = "none",
-                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    # No Triton kernel for this family: every device runs torch's CSR matmul.
-    return csr_linear_torch(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype)
-
-
-@_csr_linear_op.register_fake
-def _(x, crow, col, values, n_out, k_in, bias=None, residual=None, activation="none", out_dtype=None):
-    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
+    return x.reshape(-1, k_in).to(acc_dtype) @ w.t()
 
 
 def csr_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -237,3 +227,22 @@ def csr_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = 
     n_out, k_in = w.shape
     return torch.ops.sparsify.csr_linear(x, w.crow_indices(), w.col_indices(), w.values(), n_out, k_in,
                                          bias, residual, activation, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The spec: what the registry finds; its op is what models call (one opaque node for torch.compile
+# and torch.export)
+# ----------------------------------------------------------------------------------------------
+
+def _pack(weight: torch.Tensor, pattern, layer: Optional[dict] = None) -> Prepared:
+    crow, col, values = csr_parts(pack_csr(weight))  # owned tensors, not views: they become buffers
+    return Prepared({"crow": crow, "col": col, "values": values},
+                    {"n_out": weight.shape[0], "k_in": weight.shape[1]})
+
+
+SPEC = KernelSpec(
+    name="csr_torch", op="sparsify::csr_linear",
+    schema="(Tensor x, Tensor crow, Tensor col, Tensor values, SymInt n_out, SymInt k_in, Tensor? bias=None, "
+           "Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
+    patterns=(Unstructured, NM, Block), replaces="linear", devices=("cpu", "cuda"),
+    impl=csr_linear_torch, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)

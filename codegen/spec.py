@@ -1,0 +1,107 @@
+"""KernelSpec: what a kernel file declares at its end, so the registry can find it and the planner use it.
+
+A spec says which patterns the kernel serves, for which layer kind, on which devices it is a planning
+candidate, how a masked weight is packed for it, and its torch custom op. The op's schema is written
+once, in the spec; everything that calls the op (the cost model timing a candidate, the rewrite
+emitting graph nodes, the fake implementation) builds the argument list from that schema by name,
+so what is timed is what runs and no argument list is written twice.
+
+Naming rule that makes this work: the packed buffers (`Prepared.buffers`) and baked values
+(`Prepared.static`) a spec's `pack` returns are named after the op's schema arguments; the input is
+`x`; the epilogue arguments are `bias`, `residual`, `activation`, `out_dtype` (see
+codegen.epilogue.EPILOGUE_ARGS), in that order at the end of every sparse op's schema.
+
+Implementations: `impl` runs on every device; `device_impls` overrides it per device type (a CPU code
+generator's kernel beside a Triton kernel). Both take the schema's arguments in schema order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from sparsify.state import Prepared
+
+from . import runtime
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class KernelSpec:
+    name: str                     # what plans and Config.kernels call it ("bsr_triton")
+    op: str                       # qualified op name, "sparsify::bsr_linear"
+    schema: str                   # "(Tensor x, ...) -> Tensor": the op's arguments, written here only
+    patterns: tuple               # pattern classes it serves
+    replaces: str                 # the layer kind it replaces: "linear" (linear/addmm/mm) or "conv2d"
+    devices: tuple                # device types where it is a planning candidate
+    impl: Callable                # the implementation (schema arguments, in order)
+    pack: Callable[..., Prepared]  # (masked weight, pattern, layer params or None) -> Prepared
+    out_like: Callable[[dict], torch.Tensor]   # the fake: bound arguments -> an empty output
+    version: str                  # part of the cost-cache key: bump when the computation changes
+    supports: Callable[[Any, torch.dtype, tuple], str | None] | None = None  # why not, or None
+    interpretable: bool = False   # a Triton kernel: also a candidate on CPU tensors under force_triton
+    device_impls: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.replaces not in ("linear", "conv2d"):
+            raise ValueError(f"KernelSpec {self.name}: replaces must be 'linear' or 'conv2d', got {self.replaces!r}")
+        lib, _, name = self.op.partition("::")
+        if not hasattr(getattr(torch.ops, lib), name):   # a re-imported kernel file keeps its op
+            op = torch.library.custom_op(self.op, self.impl, mutates_args=(), schema=self.schema)
+            for device, fn in self.device_impls.items():
+                op.register_kernel(device, fn)
+            op.register_fake(lambda *args, **kwargs: self.out_like(self.bind(args, kwargs)))
+
+    # ---- the op and its arguments ------------------------------------------------------------
+    @property
+    def overload(self) -> torch._ops.OpOverload:
+        lib, _, name = self.op.partition("::")
+        return getattr(getattr(torch.ops, lib), name).default
+
+    @property
+    def arguments(self) -> list:
+        return list(self.overload._schema.arguments)
+
+    def bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Schema name -> value of one call (defaults filled in)."""
+        out = {}
+        for i, a in enumerate(self.arguments):
+            if i < len(args):
+                out[a.name] = args[i]
+            elif a.name in kwargs:
+                out[a.name] = kwargs[a.name]
+            elif a.has_default_value():
+                out[a.name] = a.default_value
+            else:
+                raise TypeError(f"{self.op}: missing argument {a.name!r}")
+        return out
+
+    def op_args(self, x, buffers: dict, static: dict, bias=None, residual=None, activation: str = "none",
+                out_dtype: torch.dtype | None = None) -> tuple:
+        """The op's positional arguments, by schema name: tensors or graph nodes alike."""
+        values = {**static, **buffers, "x": x, "bias": bias, "residual": residual, "activation": activation,
+                  "out_dtype": out_dtype}
+        args = []
+        for a in self.arguments:
+            if a.name in values:
+                args.append(values[a.name])
+            elif a.has_default_value():
+                args.append(a.default_value)
+            else:
+                raise KeyError(f"kernel {self.name}: its pack gave no value for op argument {a.name!r} "
+                               f"(buffers {sorted(buffers)}, static {sorted(static)})")
+        return tuple(args)
+
+    def call(self, x, prepared: Prepared, bias=None, residual=None, activation: str = "none",
+             out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.overload(*self.op_args(x, prepared.buffers, prepared.static, bias, residual, activation,
+                                           out_dtype))
+
+    # ---- planning ----------------------------------------------------------------------------
+    def unsupported_reason(self, pattern, device: torch.device, dtype: torch.dtype,
+                           weight_shape: tuple) -> str | None:
+        if not isinstance(pattern, self.patterns):
+            return f"{self.name} does not serve {type(pattern).__name__}"
+        if device.type not in self.devices and not (self.interpretable and runtime.use_triton(device)):
+            return f"{self.name} does not run on {device.type}"
+        return self.supports(pattern, dtype, weight_shape) if self.supports is not None else None
