@@ -18,6 +18,10 @@ import triton.language as tl
 # Activation codes passed to kernels as a constexpr. Order is part of the kernel ABI: append only.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
 
+# The arguments every fusible op's schema ends with, in this order: the epilogue fusion pass folds
+# following ops into any op whose schema ends so, whatever family made it.
+EPILOGUE_ARGS = ("bias", "residual", "activation", "out_dtype")
+
 
 @dataclasses.dataclass(frozen=True)
 class Epilogue:

@@ -44,6 +44,16 @@ def get(name: str) -> KernelSpec:
     return known[name]
 
 
+def check_kernel_names(names) -> None:
+    """Config.kernels must name registered kernels (a typo must not silently plan nothing)."""
+    from sparsify.config import ConfigError
+
+    known = specs()
+    unknown = [k for k in names if k not in known]
+    if unknown:
+        raise ConfigError(f"Config.kernels: unknown kernel(s) {unknown}; known: {sorted(known)}")
+
+
 def register_kernel(spec: KernelSpec) -> KernelSpec:
     """Add a kernel of your own (its op is defined when the spec is created)."""
     if not isinstance(spec, KernelSpec):

@@ -1,15 +1,15 @@
-"""Analysis and rewrite passes (installed as sparsify.passes).
+"""Analysis and rewrite passes and the families (installed as sparsify.passes).
 
-Importing this package registers the default pipeline, in this order:
-fold_batchnorm -> find_layers -> prune_channels -> calibrate -> choose_patterns -> sparsify_weights
--> fuse_epilogues -> apply_rewrite_rules. fold_batchnorm (a "canonicalize" pass) runs first so every
-later pass sees the conv the model really computes; prune_channels acts only on layers whose pattern
-is Channel; it changes shapes, so it runs before calibration and timing see the layers.
+Importing this package registers the families (channel, weight, and the declared activation /
+attention / spatial ones) and the default pipeline, by phase:
+
+  canonicalize  fold_batchnorm
+  analysis      find_sites -> calibrate -> plan_sites
+  rewrite       rewrite_sites -> apply_rewrite_rules
+  lower         fuse_epilogues
 """
-from .analysis import find_layers, calibrate, choose  # noqa: F401  (registration order matters)
-from .rewrite import sparsify_weights, fuse_epilogue, rules, prune_channels, fold_batchnorm  # noqa: F401
-
-from sparsify.pipeline import add_to_default, default_pass_names
-
-add_to_default("prune_channels", after="find_layers")
-DEFAULT_PASSES = tuple(default_pass_names())
+from .families import activation, attention, spatial  # noqa: F401  (declared families)
+from .families.weight import family as _weight  # noqa: F401
+from .rewrite import fold_batchnorm  # noqa: F401  (registration order is pipeline order in a phase)
+from .analysis import find_sites, calibrate, plan_sites  # noqa: F401
+from .rewrite import rewrite_sites, rules, fuse_epilogue  # noqa: F401

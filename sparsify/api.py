@@ -9,13 +9,16 @@ from .pipeline import Pipeline
 
 
 def compile(model: nn.Module, example_inputs=None, config: Config | None = None, *,
-            calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False) -> SparseModule:
+            calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False,
+            plan=None) -> SparseModule:
     """Make `model` sparse where that is measured faster than dense and within the error budget.
 
     example_inputs: a tensor, a tuple of positional args, or a dict of keyword args. When None,
       capture and planning happen at the first call (like torch.compile).
     calibration_data: an iterable of such batches to calibrate and verify on (default: the example).
     pipeline: a custom `Pipeline` (default: the registered default passes).
+    plan: a Plan made before (or its JSON text, or a path to it): applied as it is, without planning,
+      timing or rollback; the sites it names must be this model's (same weights for its masks).
     Returns a SparseModule with the model's call signature; see .report(), .plan, .graph_module.
     """
-    return SparseModule(model, config, example_inputs, calibration_data, pipeline, verbose)
+    return SparseModule(model, config, example_inputs, calibration_data, pipeline, verbose, plan)

@@ -1,4 +1,4 @@
-"""Config: per-family pattern choices, error budget, per-fqn overrides, dtype and device."""
+"""Config: the pattern per kind of sparsity (field), error budget, per-fqn overrides, dtype and device."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,7 @@ class ConfigError(ValueError):
     """An invalid Config value; the message names the field."""
 
 
-_FAMILIES = ("weight", "activation", "attention", "spatial")
+_FIELDS = ("weight", "activation", "attention", "spatial")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -22,8 +22,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class Config:
     """What sparsify may do to a model.
 
-    weight / activation / attention / spatial: the pattern for each family (Dense turns it off, Auto
-      lets the planner choose). Families other than weight are planned by their own passes.
+    weight / activation / attention / spatial: the pattern for each kind of sparsity (Dense turns it
+      off, Auto lets the planner choose). The family that serves a pattern is found by its type
+      (sparsify.family); a pattern whose family is not implemented is refused at compile time.
     max_error: budget for the relative L2 error of the model output vs dense on calibration data.
     overrides: ordered (glob, Pattern) pairs matched against layer fqns; the first match wins. A glob
       that matches no layer is an error at compile time (a typo must not silently do nothing).
@@ -34,10 +35,10 @@ class Config:
       before it) and let Auto pick only candidates within max_error; off = layer error only.
     max_layer_error: with Auto, a candidate whose own layer output error exceeds this is not taken even
       if the model output hides it (random or redundant layers can wash an error out downstream).
-    check_model_speed: after verification, time the compiled model against dense end to end; if it is
-      slower, every layer goes back to dense (the report says why).
+    check_model_speed: after verification, time the compiled model against dense end to end; while it
+      is slower, the half of the sparse sites that saved the least goes dense (the report says why).
     min_speedup: a layer is sparse only if dense_ms / sparse_ms >= this (a margin over timing noise).
-    kernels: when non-empty, only these weight kernels (by name, e.g. "bsr_triton") are considered.
+    kernels: when non-empty, only these kernels (registry names, e.g. "bsr_triton") are considered.
     """
 
     weight: Pattern = dataclasses.field(default_factory=Auto)
@@ -59,12 +60,12 @@ class Config:
     check_model_speed: bool = True
 
     def __post_init__(self):
-        for family in _FAMILIES:
-            p = getattr(self, family)
+        for field in _FIELDS:
+            p = getattr(self, field)
             if not isinstance(p, Pattern):
-                raise ConfigError(f"Config.{family} must be a Pattern (e.g. Dense(), Auto()), got {p!r}")
-            if p.family not in (family, "any"):
-                raise ConfigError(f"Config.{family}={p.describe()} is a {p.family} pattern")
+                raise ConfigError(f"Config.{field} must be a Pattern (e.g. Dense(), Auto()), got {p!r}")
+            if p.field not in (field, "any"):
+                raise ConfigError(f"Config.{field}={p.describe()} is a {p.field} pattern")
         if isinstance(self.max_error, bool) or not isinstance(self.max_error, (int, float)) or self.max_error < 0:
             raise ConfigError(f"Config.max_error must be a number >= 0, got {self.max_error!r}")
         if isinstance(self.overrides, dict):
@@ -81,7 +82,7 @@ class Config:
             except RuntimeError as e:
                 raise ConfigError(f"Config.device={self.device!r}: {e}") from None
         for c in self.candidates:
-            if not isinstance(c, Pattern) or c.family != "weight":
+            if not isinstance(c, Pattern) or c.field != "weight":
                 raise ConfigError(f"Config.candidates must be weight patterns, got {c!r}")
         if isinstance(self.kernels, (list, str)):
             object.__setattr__(self, "kernels", tuple([self.kernels] if isinstance(self.kernels, str)
@@ -98,12 +99,12 @@ class Config:
     def torch_dtype(self) -> torch.dtype | None:
         return None if self.dtype is None else _DTYPES[self.dtype]
 
-    def pattern_for(self, fqn: str, family: str) -> tuple[Pattern, str]:
-        """The pattern for a layer and where it came from ("override 'glob'" or "config.<family>")."""
+    def pattern_for(self, fqn: str, field: str) -> tuple[Pattern, str]:
+        """The pattern for a site and where it came from ("override 'glob'" or "config.<field>")."""
         for glob, pattern in self.overrides:
-            if fnmatch.fnmatchcase(fqn, glob) and pattern.family in (family, "any"):
+            if fnmatch.fnmatchcase(fqn, glob) and pattern.field in (field, "any"):
                 return pattern, f"override {glob!r}"
-        return getattr(self, family), f"config.{family}"
+        return getattr(self, field), f"config.{field}"
 
     def check_overrides_match(self, fqns) -> None:
         fqns = list(fqns)
@@ -113,7 +114,7 @@ class Config:
                 raise ConfigError(f"Config.overrides: {glob!r} matches no layer (layers: {sample})")
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {f: getattr(self, f).to_dict() for f in _FAMILIES}
+        d: dict[str, Any] = {f: getattr(self, f).to_dict() for f in _FIELDS}
         d.update(max_error=self.max_error, force=self.force, dtype=self.dtype, device=self.device,
                  seed=self.seed, timing_repeats=self.timing_repeats, kernels=list(self.kernels),
                  min_speedup=self.min_speedup, model_sensitivity=self.model_sensitivity,
@@ -126,7 +127,7 @@ class Config:
     def from_dict(cls, d: dict[str, Any]) -> "Config":
         d = dict(d)
         try:
-            for f in _FAMILIES:
+            for f in _FIELDS:
                 if f in d:
                     d[f] = pattern_from_dict(d[f])
             d["overrides"] = tuple((g, pattern_from_dict(p)) for g, p in d.get("overrides", ()))

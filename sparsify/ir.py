@@ -2,9 +2,10 @@
 
 Meta keys (documented with their invariants in passes/README.md):
   sparsify.fqn    str         fully qualified name of the module a node came from ("" = root)
-  sparsify.layer  LayerInfo   on weight-layer nodes (linear / addmm / conv2d with a parameter weight)
-  sparsify.stats  LayerStats  calibration statistics of the layer input
-  sparsify.plan   LayerPlan   the chosen pattern (written by analysis passes only)
+  sparsify.site   Site        on the anchor node of every site a family found (find_sites)
+  sparsify.layer  LayerInfo   on weight-layer nodes (linear / addmm / mm / conv2d on a parameter)
+  sparsify.stats  LayerStats  calibration statistics of a site's probed input (on the probe's owner)
+  sparsify.plan   LayerPlan   the decision for a site (written by analysis passes only)
   sparsify.from   Provenance  on every node a rewrite pass creates
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.fx as fx
 
 FQN = "sparsify.fqn"
+SITE = "sparsify.site"
 LAYER = "sparsify.layer"
 STATS = "sparsify.stats"
 PLAN = "sparsify.plan"
@@ -25,7 +27,8 @@ FROM = "sparsify.from"
 
 aten = torch.ops.aten
 
-# Weight layers the planner knows, by ATen op, with the argument positions of input, weight, bias.
+# The ATen ops that are weight layers (a matmul with a parameter), with the argument positions of
+# input, weight, bias; read by the families that act on weight layers (weight, channel).
 # addmm(bias, x, w) is HF's Conv1D (GPT-2): weight stored transposed, (in, out).
 WEIGHT_OPS: dict[Any, tuple[str, int, int, int | None]] = {
     aten.linear.default: ("linear", 0, 1, 2),
@@ -49,6 +52,7 @@ class LayerInfo:
     dtype: str
     weight_transposed: bool = False   # addmm / mm: weight stored (in, out)
     conv_params: dict | None = None   # stride, padding, dilation, groups
+    uses: int = 1                     # ops reading the weight (> 1: tied, e.g. embeddings and LM head)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -9,7 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Block(nn.Module):
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + GELU FFN block of the demo LM."""
+
     def __init__(self, d: int, heads: int, ffn: int):
         super().__init__()
         self.heads = heads
@@ -37,7 +39,7 @@ class TinyLM(nn.Module):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList([Block(d, heads, ffn) for _ in range(layers)])
+        self.blocks = nn.ModuleList([TransformerBlock(d, heads, ffn) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 

@@ -12,10 +12,12 @@ from torch.utils import _pytree as pytree
 
 from . import ir
 from .capture import Capture, CapturedPart, capture, _record_child_inputs
-from .config import Config
+from .config import Config, ConfigError
+from .family import check_config
 from .metrics import output_error
-from .pipeline import PassContext, Pipeline, Timing, get_pass, registered_passes
+from .pipeline import PassContext, Pipeline, Timing, registered_passes
 from .plan import ROLLED_BACK, Plan
+from .state import CompileState
 
 
 def _signature(args, kwargs) -> tuple:
@@ -65,12 +67,34 @@ def _changes_function(prov) -> bool:
     if prov is None:
         return False
     registered = registered_passes().get(prov.pass_name)
-    return registered is None or registered.kind != "canonicalize"
+    return registered is None or registered.phase != "canonicalize"
+
+
+def _as_plan(plan) -> Plan | None:
+    """A Plan, a JSON text or the path of a JSON file, as a Plan of our own (the driver records the
+    model error on it; the caller's object stays as it was)."""
+    if plan is None:
+        return None
+    if not isinstance(plan, Plan):
+        plan = Plan.from_json(plan)
+    return Plan.from_dict(plan.to_dict())
+
+
+def _check_device(config: Config) -> None:
+    if config.device is None:
+        return
+    dev = torch.device(config.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Config.device={config.device!r}, but this torch sees no CUDA device "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"Config.device={config.device!r}: sparsify compiles for 'cpu' or 'cuda'")
 
 
 class SparseModule(nn.Module):
     def __init__(self, model: nn.Module, config: Config | None = None, example_inputs=None,
-                 calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False):
+                 calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False,
+                 plan=None):
         super().__init__()
         from . import passes_loader  # registers the default passes (roof imports passes)
 
@@ -78,13 +102,20 @@ class SparseModule(nn.Module):
         self.config = config or Config()
         if not isinstance(self.config, Config):
             raise TypeError(f"config must be a sparsify.Config, got {type(self.config).__name__}")
+        check_config(self.config)
+        if self.config.kernels:
+            from .codegen import registry
+
+            registry.check_kernel_names(self.config.kernels)
+        _check_device(self.config)
+        self._given_plan = _as_plan(plan)
         self.verbose = verbose
         self._model = self._prepare(model)
         self._calibration_data = calibration_data
         self._pipeline = pipeline or Pipeline.default()
         self._compiled: dict[tuple, Capture] = {}
-        self._state: dict[str, dict] = {}          # per part prefix: PassContext.state of the first compile
-        self.plan: Plan | None = None
+        self._state: dict[str, CompileState] = {}   # per part prefix: the compile state of the first compile
+        self.plan: Plan | None = self._given_plan
         self.capture_info: Capture | None = None
         self.pass_seconds: dict[str, float] = {}
         self.compile_seconds: float | None = None
@@ -145,32 +176,43 @@ class SparseModule(nn.Module):
             self._say(f"capture: {f.prefix or '<model>'}: {f.reason}")
         batches = [self._cast_inputs(a, k) for a, k in normalize_batches((args, kwargs), self._calibration_data)]
         per_part = self._part_batches(cap, batches)
-        names = self._pipeline.names
-        split = names.index("sparsify_weights") if "sparsify_weights" in names else len(names)
-        analysis, rewrite = Pipeline(names[:split]), Pipeline(names[split:])
+        pipe = self._pipeline
+        back = pipe.phase("rewrite", "lower")
+        if self._given_plan is None:
+            front = pipe.phase("canonicalize", "analysis")
+        else:   # a plan made before: find the sites (and statistics, for wanda masks) and apply it
+            front = pipe.providers(back.requirements() - {"plan", "prepared"} | {"stats"})
         timing = Timing()
         snapshots, contexts = {}, {}
         for part in cap.parts:
             ctx = PassContext(self.config, self.device, per_part[part.prefix], [timing],
                               part_prefix=part.prefix, progress=self._say)
             contexts[part.prefix] = ctx
-            snapshots[part.prefix] = analysis.run(part.gm, ctx)
+            snapshots[part.prefix] = front.run(part.gm, ctx)
+        if self._given_plan is not None:
+            self._take_plan(contexts, snapshots)
         plans = {}
         for ctx in contexts.values():
-            plans.update(ctx.state.get("plans", {}))
-        self.config.check_overrides_match(plans)
-        self.plan = Plan(plans)
+            plans.update(ctx.state.plans)
+        self.config.check_overrides_match(fqn for ctx in contexts.values() for site in ctx.state.sites.values()
+                                          for fqn in (site.fqn, *site.members))
+        if self._given_plan is None:
+            self.plan = Plan(plans)
         self._state = {prefix: ctx.state for prefix, ctx in contexts.items()}
+        available = {"sites", "stats", "plan", "prepared"}
 
         def build():
             for part in cap.parts:
-                gm = rewrite.run(ir.fresh_copy(snapshots[part.prefix]), contexts[part.prefix])
+                gm = back.run(ir.fresh_copy(snapshots[part.prefix]), contexts[part.prefix], available)
                 self._install(cap, part, gm)
 
         build()
         dense = self._run_all(self._model, batches)   # the reference outputs, for every error below
-        self._verify_and_roll_back(cap, batches, dense, build)
-        self._check_model_speed(cap, batches, dense, build)
+        if self._given_plan is None:
+            self._verify_and_roll_back(cap, batches, dense, build)
+            self._check_model_speed(cap, batches, dense, build)
+        else:
+            self._record_error(output_error(dense, self._run_all(cap.root, batches)))
         self._pass_through_if_dense(cap)
         self._compiled[_signature(args, kwargs)] = cap
         self.capture_info = cap
@@ -180,7 +222,29 @@ class SparseModule(nn.Module):
                 self.rule_counts[k] = self.rule_counts.get(k, 0) + v
         self.compile_seconds = time.perf_counter() - t0
         self._say(f"compiled in {self.compile_seconds:.1f} s: {len(self.plan.sparse_layers())}/"
-                  f"{len(self.plan)} layers sparse, model error {self.plan.model_error:.3g}")
+                  f"{len(self.plan)} sites changed, model error {self.plan.model_error:.3g}")
+
+    def _take_plan(self, contexts, snapshots) -> None:
+        """Hand each part the entries of the given plan for its sites; an entry no part has is an
+        error (a plan made for another model)."""
+        plan, taken = self._given_plan, set()
+        for prefix, ctx in contexts.items():
+            for key, site in ctx.state.sites.items():
+                if key in plan:
+                    lp = plan[key]
+                    if lp.family != site.family or (lp.weight_shape is not None and site.weight_shape is not None
+                                                    and tuple(lp.weight_shape) != tuple(site.weight_shape)):
+                        raise ValueError(f"plan entry {key!r} ({lp.family}, weight {lp.weight_shape}) does not "
+                                         f"match this model's site ({site.family}, weight {site.weight_shape})")
+                    ctx.state.plans[key] = lp
+                    site.node(snapshots[prefix]).meta[ir.PLAN] = lp
+                    taken.add(key)
+        missing = [k for k in plan if k not in taken]
+        if missing:
+            raise ValueError(f"the plan names site(s) {missing[:6]} that this model does not have: it was made "
+                             f"for another model (or another capture of it)")
+        if "plan applied as given" not in " ".join(plan.notes):
+            plan.notes.append("plan applied as given: not re-planned, re-timed or rolled back")
 
     def _install(self, cap: Capture, part: CapturedPart, gm: fx.GraphModule) -> None:
         part.gm = gm
@@ -263,25 +327,24 @@ class SparseModule(nn.Module):
                 self.plan.notes.append(note)
 
     def _compile_again(self, args, kwargs) -> Capture:
-        """A new input signature: capture again and apply the existing plan (no re-planning)."""
+        """A new input signature: capture again and apply the existing plan (no re-planning). Only the
+        passes that provide what the rewrite needs besides the plan run again (canonicalize, sites);
+        the prepared data is reused (it was made from the same, canonicalized, weights)."""
         self._say("new input shapes: capture again, reuse the plan")
         cap = capture(self._model, args, kwargs)
-        names = self._pipeline.names
-        # The packed weights were made from the graph as canonicalized (BN folded): replay those first.
-        first = names.index("find_layers") if "find_layers" in names else 0
-        replay = Pipeline([n for n in names[:first] if get_pass(n).kind == "canonicalize"] + ["find_layers"])
-        rewrite = Pipeline(names[names.index("sparsify_weights"):]) if "sparsify_weights" in names else None
+        back = self._pipeline.phase("rewrite", "lower")
+        front = self._pipeline.providers(back.requirements() - {"plan", "prepared"})
         for part in cap.parts:
-            state = self._state.get(part.prefix)
-            ctx = PassContext(self.config, self.device, [], part_prefix=part.prefix,
-                              state={"packed": state.get("packed", {}) if state else {}})
-            gm = replay.run(part.gm, ctx)
-            for n in ir.layer_nodes(gm):
-                fqn = n.meta[ir.LAYER].fqn
-                if fqn in self.plan:
-                    n.meta[ir.PLAN] = self.plan[fqn]
-            if rewrite is not None:
-                gm = rewrite.run(gm, ctx)
+            old = self._state.get(part.prefix)
+            if old is None:
+                raise RuntimeError(f"new input shapes captured the model in other parts ({part.prefix!r} is new): "
+                                   f"compile again for these inputs")
+            ctx = PassContext(self.config, self.device, [], part_prefix=part.prefix, state=old.for_rebuild())
+            gm = front.run(part.gm, ctx)
+            for key, lp in ctx.state.plans.items():
+                if key in ctx.state.sites:
+                    ctx.state.sites[key].node(gm).meta[ir.PLAN] = lp
+            gm = back.run(gm, ctx, {"sites", "plan", "prepared"})
             self._install(cap, part, gm)
         self._pass_through_if_dense(cap)
         return cap
@@ -292,7 +355,7 @@ class SparseModule(nn.Module):
         sig = _signature(args, kwargs)
         cap = self._compiled.get(sig)
         if cap is None:
-            if self.plan is None:
+            if self.capture_info is None:
                 self._compile_first(args, kwargs)
             else:
                 self._compiled[sig] = self._compile_again(args, kwargs)
@@ -321,6 +384,12 @@ class SparseModule(nn.Module):
         from .report import format_report
 
         return format_report(self)
+
+    @property
+    def prepared(self) -> dict:
+        """site key -> Prepared: what the rewrite installed (or would install) for each planned site."""
+        self._need_compiled()
+        return {k: v for state in self._state.values() for k, v in state.prepared.items()}
 
     def kernel_sources(self) -> dict[str, str]:
         """Triton source of each kernel family the compiled graphs call, by op name."""

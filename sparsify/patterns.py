@@ -32,14 +32,26 @@ def _check_positive_int(owner: str, name: str, value) -> None:
 _REGISTRY: dict[str, type] = {}
 
 
-def _register(cls):
+def register_pattern(cls):
+    """Class decorator: make a Pattern subclass known to `pattern_from_dict` (plans and configs store
+    patterns as {"kind": class name, **fields}). A family of your own registers its patterns so."""
+    if not (isinstance(cls, type) and issubclass(cls, Pattern)):
+        raise TypeError(f"register_pattern expects a Pattern subclass, got {cls!r}")
+    known = _REGISTRY.get(cls.__name__)
+    if known is not None and known.__module__ != cls.__module__:
+        raise ValueError(f"a pattern named {cls.__name__} is already registered (from {known.__module__})")
     _REGISTRY[cls.__name__] = cls
     return cls
 
 
+_register = register_pattern
+
+
 @dataclasses.dataclass(frozen=True)
 class Pattern:
-    family: ClassVar[str] = "any"  # "weight", "activation", "attention", "spatial", "any"
+    # The Config field the pattern goes in ("weight", "activation", "attention", "spatial"; "any":
+    # Dense and Auto fit every field). Which family serves it is looked up by its type.
+    field: ClassVar[str] = "any"
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": type(self).__name__, **dataclasses.asdict(self)}
@@ -85,7 +97,7 @@ class Auto(Pattern):
 @_register
 @dataclasses.dataclass(frozen=True)
 class Unstructured(Pattern):
-    family: ClassVar[str] = "weight"
+    field: ClassVar[str] = "weight"
     sparsity: float = 0.5
     criterion: str = "magnitude"
 
@@ -99,7 +111,7 @@ class Unstructured(Pattern):
 class NM(Pattern):
     """At most n nonzeros in every group of m consecutive weights along the reduction dimension."""
 
-    family: ClassVar[str] = "weight"
+    field: ClassVar[str] = "weight"
     n: int = 2
     m: int = 4
     criterion: str = "magnitude"
@@ -125,7 +137,7 @@ class NM(Pattern):
 class Block(Pattern):
     """Square blocks of `block` x `block` weights kept or dropped together; `density` = kept fraction."""
 
-    family: ClassVar[str] = "weight"
+    field: ClassVar[str] = "weight"
     block: int = 32
     density: float = 0.25
     criterion: str = "magnitude"
@@ -147,7 +159,7 @@ class Block(Pattern):
 class Channel(Pattern):
     """Structured pruning: keep a `keep` fraction of output channels (layers physically shrink)."""
 
-    family: ClassVar[str] = "weight"
+    field: ClassVar[str] = "weight"
     keep: float = 0.5
     criterion: str = "magnitude"
 
@@ -174,7 +186,7 @@ def _check_criterion(owner: str, criterion: str) -> None:
 class ActivationThreshold(Pattern):
     """Zero activations below a threshold calibrated to reach `sparsity` (per channel or global)."""
 
-    family: ClassVar[str] = "activation"
+    field: ClassVar[str] = "activation"
     sparsity: float = 0.5
     per_channel: bool = True
 
@@ -187,7 +199,7 @@ class ActivationThreshold(Pattern):
 class TopK(Pattern):
     """Keep the k (or `fraction`) largest-magnitude activations per token."""
 
-    family: ClassVar[str] = "activation"
+    field: ClassVar[str] = "activation"
     k: int | None = None
     fraction: float | None = None
 
@@ -204,13 +216,13 @@ class TopK(Pattern):
 @_register
 @dataclasses.dataclass(frozen=True)
 class Causal(Pattern):
-    family: ClassVar[str] = "attention"
+    field: ClassVar[str] = "attention"
 
 
 @_register
 @dataclasses.dataclass(frozen=True)
 class SlidingWindow(Pattern):
-    family: ClassVar[str] = "attention"
+    field: ClassVar[str] = "attention"
     window: int = 256
     causal: bool = True
 
@@ -223,7 +235,7 @@ class SlidingWindow(Pattern):
 class Strided(Pattern):
     """Sparse-Transformer strided attention: a local band of `local` plus every `stride`-th key."""
 
-    family: ClassVar[str] = "attention"
+    field: ClassVar[str] = "attention"
     stride: int = 64
     local: int = 64
     causal: bool = True
@@ -238,7 +250,7 @@ class Strided(Pattern):
 class BlockMask(Pattern):
     """Block-level attention mask: fixed (`mask` of rows of 0/1) or top-k blocks per query block."""
 
-    family: ClassVar[str] = "attention"
+    field: ClassVar[str] = "attention"
     block: int = 64
     mask: tuple | None = None
     topk: int | None = None
@@ -257,7 +269,7 @@ class BlockMask(Pattern):
 class Submanifold(Pattern):
     """Spatially sparse conv: compute only at active sites (mask from the input or a given input)."""
 
-    family: ClassVar[str] = "spatial"
+    field: ClassVar[str] = "spatial"
     mask_input: str | None = None
     threshold: float = 0.0
 

@@ -1,8 +1,10 @@
-"""The plan: for each layer (by fqn) the chosen pattern, kernel, numbers and the reason."""
+"""The plan: for each site (a layer by its fqn, a channel group, ...) the chosen pattern, kernel, the
+numbers behind it and the reason. With the model it is enough to rebuild the compiled module."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, Iterator
 
 from .patterns import Dense, Pattern, pattern_from_dict
@@ -13,6 +15,10 @@ DENSE = "dense"              # kept dense (config, no candidate faster, or over 
 ROLLED_BACK = "rolled_back"  # was sparse, verification found the model over budget
 FORCED = "forced"            # sparse although slower than dense, because Config.force
 PRUNED = "pruned"            # physically shrunk by channel pruning (a dense op on fewer channels)
+CHANGED = (SPARSE, FORCED, PRUNED)   # the statuses under which a site is rewritten
+
+# Version 2: plans name their family, members and params (version 1 plans were weight layers only).
+PLAN_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -25,7 +31,6 @@ class Candidate:
     layer_error: float | None = None       # relative L2 of the layer output vs dense
     model_error: float | None = None       # model output error with this and earlier chosen layers sparse
     time_ms: float | None = None
-    timing: str = "measured"               # "measured" or "estimated" (roofline)
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -42,6 +47,11 @@ class Candidate:
 
 @dataclasses.dataclass
 class LayerPlan:
+    """The decision for one site. fqn: the site's key (a weight layer's fqn; a channel group's
+    producers, comma-separated). family: the family that planned it. members: fqns of the layers it
+    covers. params: JSON-able data of the family that the rewrite (or a check of it) needs beyond the
+    pattern and kernel, e.g. the kept channels of a group or the digest of a weight mask."""
+
     fqn: str
     op: str
     input_shape: tuple | None
@@ -55,10 +65,12 @@ class LayerPlan:
     source: str = ""                         # where the requested pattern came from (config/override)
     dense_ms: float | None = None
     sparse_ms: float | None = None
-    timing: str = "measured"
     layer_error: float | None = None
     model_error: float | None = None         # model output error with this layer (and earlier ones) sparse
     candidates: list = dataclasses.field(default_factory=list)
+    family: str = "weight"
+    members: list = dataclasses.field(default_factory=list)
+    params: dict = dataclasses.field(default_factory=dict)
 
     @property
     def speedup(self) -> float | None:
@@ -77,6 +89,9 @@ class LayerPlan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerPlan":
         d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"layer plan {d.get('fqn')!r}: unknown fields {sorted(unknown)}")
         d["pattern"] = pattern_from_dict(d["pattern"])
         d["candidates"] = [Candidate.from_dict(c) for c in d.get("candidates", [])]
         for k in ("input_shape", "weight_shape", "output_shape"):
@@ -97,10 +112,13 @@ class Plan:
         self.model_sparse_ms: float | None = None
 
     def __getitem__(self, fqn: str) -> LayerPlan:
-        try:
+        """The site planned under this key, or the site that covers layer `fqn` (a channel group)."""
+        if fqn in self.layers:
             return self.layers[fqn]
-        except KeyError:
-            raise KeyError(f"no layer {fqn!r} in the plan; layers: {list(self.layers)[:8]}") from None
+        for lp in self.layers.values():
+            if fqn in lp.members:
+                return lp
+        raise KeyError(f"no layer {fqn!r} in the plan; layers: {list(self.layers)[:8]}")
 
     def __contains__(self, fqn: str) -> bool:
         return fqn in self.layers
@@ -115,17 +133,22 @@ class Plan:
         return self.layers.items()
 
     def sparse_layers(self) -> list[LayerPlan]:
-        return [lp for lp in self.layers.values() if lp.status in (SPARSE, FORCED)]
+        """The sites the compiled model runs differently from dense (sparse, forced or pruned)."""
+        return [lp for lp in self.layers.values() if lp.status in CHANGED]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": 1, "model_error": self.model_error, "notes": list(self.notes),
+        return {"version": PLAN_VERSION, "model_error": self.model_error, "notes": list(self.notes),
                 "model_dense_ms": self.model_dense_ms, "model_sparse_ms": self.model_sparse_ms,
                 "layers": [lp.to_dict() for lp in self.layers.values()]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
-        if d.get("version") != 1:
-            raise ValueError(f"plan version {d.get('version')!r} is not supported (expected 1)")
+        if not isinstance(d, dict):
+            raise ValueError(f"a plan is a JSON object with 'version' and 'layers', got {type(d).__name__}")
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        if not isinstance(d.get("layers"), list):
+            raise ValueError("a plan needs a 'layers' list")
         layers = [LayerPlan.from_dict(x) for x in d["layers"]]
         plan = cls({lp.fqn: lp for lp in layers}, d.get("model_error"), d.get("notes"))
         plan.model_dense_ms, plan.model_sparse_ms = d.get("model_dense_ms"), d.get("model_sparse_ms")
@@ -139,10 +162,12 @@ class Plan:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str) -> "Plan":
-        text = text_or_path
-        if not text_or_path.lstrip().startswith("{"):
-            with open(text_or_path) as f:
+    def from_json(cls, text_or_path) -> "Plan":
+        """A plan from JSON text or from the path (str or os.PathLike) of a JSON file."""
+        if isinstance(text_or_path, str) and text_or_path.lstrip().startswith(("{", "[")):
+            text = text_or_path
+        else:
+            with open(os.fspath(text_or_path)) as f:
                 text = f.read()
         return cls.from_dict(json.loads(text))
 

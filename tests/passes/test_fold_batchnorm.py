@@ -38,12 +38,9 @@ class ConvBN(nn.Module):
 
 
 def _fold(model, x):
-    from sparsify import passes_loader
-
-    passes_loader.load()
     gm = capture(model, (x,)).root
     ctx = PassContext(Config(weight=Dense()))
-    return Pipeline(["fold_batchnorm", "find_layers"]).run(gm, ctx), ctx
+    return Pipeline(["fold_batchnorm", "find_sites"]).run(gm, ctx), ctx
 
 
 @pytest.mark.parametrize("bias,affine,groups", [(True, True, 1), (False, True, 1), (False, False, 1),
@@ -72,7 +69,7 @@ def test_training_mode_batch_norm_is_left_alone():
     ref = copy.deepcopy(model)
     gm, ctx = _fold(model, x)
     assert "batch_norm" in gm.code
-    assert "training mode" in next(iter(ctx.state["not_folded"].values()))
+    assert "training mode" in next(iter(ctx.state.notes_of("fold_batchnorm").values()))
     torch.testing.assert_close(gm(x), ref(x))
 
 
@@ -128,9 +125,8 @@ def test_compile_folds_bn_so_relu_and_residual_fuse_into_the_sparse_conv():
 def _packed_conv_weight(sm, fqn):
     from sparsify.codegen.kernels.bsr_conv2d import _unpack_conv
 
-    p = sm._state[""]["packed"][fqn]
-    b, st = p.buffers, p.static
-    return _unpack_conv(b["values"], b["row_ptr"], b["col_idx"], st["n_out"], st["k_in"], st["kh"], st["kw"])
+    b = sm.prepared[fqn].buffers
+    return _unpack_conv(b["values"], b["row_ptr"], b["col_idx"], *sm.plan[fqn].weight_shape)
 
 
 def test_dense_plan_runs_the_original_module_even_with_bn_folded():

@@ -49,9 +49,9 @@ def _masked_reference(sm, model, *args):
     from sparsify.codegen.kernels.bsr_linear import _unpack
 
     ref = copy.deepcopy(model).double()
-    for fqn, packed in sm._state[""]["packed"].items():
-        b, st = packed.buffers, packed.static
-        w = _unpack(b["values"], b["row_ptr"], b["col_idx"], st["n_out"], st["k_in"])
+    for fqn, packed in sm.prepared.items():
+        b = packed.buffers
+        w = _unpack(b["values"], b["row_ptr"], b["col_idx"], *getattr(model, fqn).weight.shape)
         getattr(ref, fqn).weight.data = w.double()
     return ref(*(a.double() for a in args))
 

@@ -9,12 +9,12 @@ from sparsify.pipeline import (PassError, PrintAfter, Timing, default_pass_names
 from tests.helpers import MLP, mlp_input
 
 
-def test_default_pipeline_order():
-    sparsify.compile  # the roof loads the passes
-    from sparsify import passes_loader
-    passes_loader.load()
-    assert default_pass_names()[:6] == ["fold_batchnorm", "find_layers", "prune_channels", "calibrate",
-                                       "choose_patterns", "sparsify_weights"]
+def test_default_pipeline_order_by_phase():
+    names = default_pass_names()
+    assert names[:7] == ["fold_batchnorm", "find_sites", "calibrate", "plan_sites", "rewrite_sites",
+                         "apply_rewrite_rules", "fuse_epilogues"]
+    phases = [sparsify.pipeline.get_pass(n).phase for n in names]
+    assert phases == sorted(phases, key=sparsify.PHASES.index)
 
 
 def test_debug_dir_dumps_code_and_dot_per_pass(tmp_path, monkeypatch):
@@ -26,11 +26,11 @@ def test_debug_dir_dumps_code_and_dot_per_pass(tmp_path, monkeypatch):
         sparsify.compile(MLP().to(dev), (mlp_input().to(dev),), Config(weight=sparsify.Block(16, 0.5), force=True,
                                                        max_error=10, timing_repeats=1, kernels=("bsr_triton",)))
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert any(f.endswith("_find_layers.py") for f in files)
-    assert any(f.endswith("_sparsify_weights.dot") for f in files)
-    rewrite_dot = next(p for p in tmp_path.iterdir() if p.name.endswith("_sparsify_weights.dot")).read_text()
+    assert any(f.endswith("_find_sites.py") for f in files)
+    assert any(f.endswith("_rewrite_sites.dot") for f in files)
+    rewrite_dot = next(p for p in tmp_path.iterdir() if p.name.endswith("_rewrite_sites.dot")).read_text()
     assert "gold" in rewrite_dot, "nodes changed by the pass must be marked"
-    code = next(p for p in tmp_path.iterdir() if p.name.endswith("_sparsify_weights.py")).read_text()
+    code = next(p for p in tmp_path.iterdir() if p.name.endswith("_rewrite_sites.py")).read_text()
     assert "sparsify.bsr_linear" in code
 
 
@@ -39,31 +39,29 @@ def test_print_after_and_timing_instruments():
     timing = Timing()
     ctx_instruments = [PrintAfter({"find_layers"}, printer=printed.append), timing]
     gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
-    from sparsify import passes_loader
-    passes_loader.load()
     ctx = sparsify.PassContext(Config(weight=Dense()), instruments=ctx_instruments,
                                calibration=[((mlp_input(),), {})])
-    Pipeline(["find_layers", "calibrate"]).run(gm, ctx)
-    assert len(printed) == 1 and "after find_layers" in printed[0]
-    assert set(timing.seconds) == {"find_layers", "calibrate"}
+    Pipeline(["find_sites", "calibrate"]).run(gm, ctx)
+    assert len(printed) == 1 and "after find_sites" in printed[0]
+    assert set(timing.seconds) == {"find_sites", "calibrate"}
 
 
 def test_failing_pass_is_named_with_those_before_it():
-    @register_pass("explode", kind="analysis")
+    @register_pass("explode", phase="analysis")
     def explode(gm, ctx):
         raise ValueError("boom")
 
     try:
         gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
         ctx = sparsify.PassContext(Config(weight=Dense()))
-        with pytest.raises(PassError, match=r"pass 'explode' failed after \['find_layers'\].*boom"):
-            Pipeline(["find_layers", "explode"]).run(gm, ctx)
+        with pytest.raises(PassError, match=r"pass 'explode' failed after \['find_sites'\].*boom"):
+            Pipeline(["find_sites", "explode"]).run(gm, ctx)
     finally:
         unregister_pass("explode")
 
 
 def test_debug_invariants_catch_a_rewrite_without_provenance():
-    @register_pass("sneaky", kind="rewrite")
+    @register_pass("sneaky", phase="rewrite")
     def sneaky(gm, ctx):
         node = next(n for n in gm.graph.nodes if n.target == torch.ops.aten.relu.default)
         from sparsify.codegen.kernels import bsr_linear  # noqa: F401  (registers the op)
@@ -83,13 +81,13 @@ def test_debug_invariants_catch_a_rewrite_without_provenance():
 def test_user_analysis_pass_joins_the_default_pipeline_after_a_named_pass():
     seen = []
 
-    @register_pass("count_layers", kind="analysis", after="find_layers")
+    @register_pass("count_layers", phase="analysis", after="find_sites")
     def count_layers(gm, ctx):
         seen.append(len(sparsify.ir.layer_nodes(gm)))
         return PassResult(gm, False)
 
     try:
-        assert default_pass_names().index("count_layers") == default_pass_names().index("find_layers") + 1
+        assert default_pass_names().index("count_layers") == default_pass_names().index("find_sites") + 1
         sparsify.compile(MLP(), (mlp_input(),), Config(weight=Dense()))
         assert seen == [3]
     finally:
@@ -100,13 +98,13 @@ def test_user_analysis_pass_joins_the_default_pipeline_after_a_named_pass():
 def test_custom_pipeline_insert_before():
     calls = []
 
-    @register_pass("note_before_choose", kind="analysis")
+    @register_pass("note_before_choose", phase="analysis")
     def note(gm, ctx):
-        calls.append(sorted(ctx.state.get("stats", {})))
+        calls.append(sorted(ctx.state.stats))
         return PassResult(gm, False)
 
     try:
-        pipe = Pipeline.default().insert_before("choose_patterns", "note_before_choose")
+        pipe = Pipeline.default().insert_before("plan_sites", "note_before_choose")
         sparsify.compile(MLP(), (mlp_input(),), Config(weight=Dense()), pipeline=pipe)
         assert calls == [["fc1", "fc2", "out"]]  # calibration ran before it
     finally:

@@ -1,8 +1,9 @@
-"""Model-level sensitivity: the output error of the captured graph with some weights made sparse.
+"""Model-level sensitivity: the output error of the captured graph with some weights changed.
 
-Weights are substituted with torch.func.functional_call, so neither the graph nor the user's
-parameters change. `accept` keeps a layer's sparse weight in place, so later layers are judged with
-the earlier choices already applied: the error is accumulated, as the model will run.
+A candidate that can be expressed as a change of parameters (a masked weight) is judged by running
+the graph with it substituted (torch.func.functional_call), so neither the graph nor the user's
+parameters change. `accept` keeps a chosen substitution in place, so later sites are judged with the
+earlier choices applied: the error is accumulated, as the model will run.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.fx as fx
 from torch.func import functional_call
 
-from sparsify.metrics import output_error
+from .metrics import output_error
 
 MAX_BATCHES = 4
 
@@ -30,5 +31,5 @@ class ModelSensitivity:
                     for a, k in self.batches]
         return output_error(self.dense, outs)
 
-    def accept(self, target: str, weight: torch.Tensor) -> None:
-        self.chosen[target] = weight
+    def accept(self, substitute: dict[str, torch.Tensor]) -> None:
+        self.chosen.update(substitute)

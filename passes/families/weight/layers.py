@@ -1,11 +1,14 @@
-"""find_layers: mark every weight layer (linear / addmm / mm / conv2d on a parameter) with LayerInfo."""
+"""Weight layers: every linear / addmm / mm / conv2d whose weight is a parameter, as an ir.LayerInfo.
+
+The channel family reads these too (its groups are made of weight layers).
+"""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
 from sparsify import ir
-from sparsify.pipeline import PassContext, PassResult, register_pass
+from sparsify.family import Probe, Site
 
 
 def _is_param(gm: fx.GraphModule, node) -> bool:
@@ -18,7 +21,8 @@ def _is_param(gm: fx.GraphModule, node) -> bool:
         return False
 
 
-def layer_info(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> ir.LayerInfo | None:
+def layer_info(gm: fx.GraphModule, node: fx.Node, full_fqn) -> ir.LayerInfo | None:
+    """The LayerInfo of a weight-layer node, else None. full_fqn: local fqn -> fqn in the user's model."""
     spec = ir.WEIGHT_OPS.get(node.target) if node.op == "call_function" else None
     if spec is None:
         return None
@@ -44,34 +48,35 @@ def layer_info(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> ir.LayerI
         a = list(node.args) + [None] * (7 - len(node.args))
         conv = {"stride": list(a[3] or [1, 1]), "padding": list(a[4] or [0, 0]) if not isinstance(a[4], str) else a[4],
                 "dilation": list(a[5] or [1, 1]), "groups": int(a[6] or 1)}
-    return ir.LayerInfo(fqn=ctx.full_fqn(local), op=op, weight_target=w_target,
+    return ir.LayerInfo(fqn=full_fqn(local), op=op, weight_target=w_target,
                         bias_target=bias.target if bias is not None else None,
                         weight_shape=tuple(w.shape), input_shape=in_shape, output_shape=out_shape,
                         dtype=str(dtype or w.dtype).replace("torch.", ""),
                         weight_transposed=op in ("addmm", "mm"), conv_params=conv)
 
 
-@register_pass("find_layers", kind="analysis", default=True)
-def find_layers(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    count = 0
+def find_weight_layers(gm: fx.GraphModule, ctx, family: str) -> list[Site]:
+    """A site per weight layer, with `sparsify.layer` on its node. A weight read by several ops (tied
+    embeddings, shared layers) is one site, at its first use, with LayerInfo.uses > 1: a packed copy
+    would no longer be tied to the parameter, so the family keeps it dense."""
+    found: list[tuple[fx.Node, ir.LayerInfo]] = []
     uses: dict[str, int] = {}
     for node in gm.graph.nodes:
-        info = layer_info(gm, node, ctx)
+        info = layer_info(gm, node, ctx.full_fqn)
         if info is not None:
-            node.meta[ir.LAYER] = info
+            found.append((node, info))
             uses[info.weight_target] = uses.get(info.weight_target, 0) + 1
-            count += 1
-    # A weight used by several ops (tied embeddings, shared layers) is planned once, as its first use;
-    # the others stay dense, since a packed copy would no longer be tied to the parameter.
-    seen: set[str] = set()
-    for node in gm.graph.nodes:
-        info = node.meta.get(ir.LAYER)
-        if info is None:
+    sites, seen = [], set()
+    for node, info in found:
+        if info.weight_target in seen:
             continue
-        if uses[info.weight_target] > 1:
-            ctx.state.setdefault("shared_weights", {})[info.fqn] = uses[info.weight_target]
-            if info.weight_target in seen:
-                del node.meta[ir.LAYER]
-                count -= 1
         seen.add(info.weight_target)
-    return PassResult(gm, modified=False, info={"layers": count})
+        info.uses = uses[info.weight_target]
+        node.meta[ir.LAYER] = info
+        x = node.args[ir.WEIGHT_OPS[node.target][1]]
+        dim = 1 if info.op == "conv2d" else -1
+        probes = (Probe(info.fqn, x.name, dim, node.name),) if isinstance(x, fx.Node) else ()
+        sites.append(Site(key=info.fqn, family=family, fqn=info.fqn, op=info.op, nodes=(node.name,), probes=probes,
+                          input_shape=info.input_shape, weight_shape=info.weight_shape,
+                          output_shape=info.output_shape, members=(info.fqn,), info=info))
+    return sites

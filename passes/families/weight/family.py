@@ -1,0 +1,218 @@
+"""The weight family: a masked weight, packed for a registered kernel, replaces a dense weight layer.
+
+Candidates come from the Config (an explicit pattern, or for Auto the default list plus the
+sparsity the weight already has). For each, the criterion gives a mask, every kernel that serves the
+pattern on the device is packed, checked against the dense op on the same masked weight, and handed
+to the driver to time at the layer's real input; the layer output error vs dense is measured on the
+calibration sample. The plan keeps the pattern, the kernel and a digest of the mask, so `prepare`
+can rebuild exactly the packed weight from the plan and the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from sparsify import ir
+from sparsify.codegen import registry
+from sparsify.family import Family, Measured, SiteSkipped, Trial, register_family
+from sparsify.metrics import rel_l2
+from sparsify.patterns import NM, Auto, Block, Channel, Dense, Unstructured
+from sparsify.plan import Candidate
+from sparsify.state import Prepared
+
+from .layers import find_weight_layers
+from .views import storage_weight, view_of
+
+DEFAULT_AUTO_CANDIDATES = (NM(2, 4), Block(32, 0.5), Block(64, 0.25), Unstructured(0.9))
+
+# A kernel's output against the dense op on the same masked weight: rounding (fp16/bf16 storage, tf32
+# dots, another summation order) stays far below these; a kernel bug does not. This is what stands
+# between a kernel that miscompiles on some GPU and a silently wrong model.
+KERNEL_CHECK_TOL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+class KernelMismatch(RuntimeError):
+    pass
+
+
+def check_kernel_output(kernel: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    tol = KERNEL_CHECK_TOL.get(out.dtype, 1e-2)
+    if out.shape != ref.shape:
+        raise KernelMismatch(f"{kernel} returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+    err = rel_l2(out.float(), ref.float())
+    if not err <= tol:                              # also catches NaN
+        raise KernelMismatch(f"{kernel} output differs from the dense op on the same pruned weight: "
+                             f"relative L2 {err:.3g} > {tol:g}")
+
+
+def existing_sparsity_candidates(w: torch.Tensor, min_sparsity: float = 0.5) -> list:
+    """Patterns that a weight already has (a pruned checkpoint, a lottery ticket): exact zeros as
+    unstructured sparsity, and all-zero blocks as block density. Keeping them costs no accuracy."""
+    w2 = w.reshape(w.shape[0], -1) if w.dim() == 4 else w
+    zero = (w2 == 0).float().mean().item()
+    if zero < min_sparsity:
+        return []
+    found: list = [Unstructured(round(zero, 4))]
+    for block in (32, 64, 128):
+        if w2.shape[0] < block or w2.shape[1] < block:
+            continue
+        n, k = w2.shape
+        padded = torch.nn.functional.pad(w2, (0, (-k) % block, 0, (-n) % block))
+        nz = padded.view(padded.shape[0] // block, block, padded.shape[1] // block, block).ne(0).any(3).any(1)
+        density = nz.float().mean().item()
+        if 0 < density <= 0.5:
+            found.append(Block(block, density))  # round(total * density) is the exact count
+    return found
+
+
+def mask_digest(w_sparse: torch.Tensor) -> str:
+    """A short digest of which weights are kept: a plan applied to other weights (or, for wanda,
+    other calibration data) rebuilds another mask, and `prepare` refuses it."""
+    bits = np.packbits((w_sparse != 0).flatten().cpu().numpy())
+    return hashlib.sha256(bits.tobytes()).hexdigest()[:16]
+
+
+def buffer_prefix(fqn: str) -> str:
+    return "_sparsify_" + re.sub(r"\W", "_", fqn)
+
+
+class WeightFamily(Family):
+    name = "weight"
+    field = "weight"
+    patterns = (Unstructured, NM, Block)
+    auto = True
+
+    def find_sites(self, gm, ctx):
+        return find_weight_layers(gm, ctx, self.name)
+
+    def candidates(self, gm, site, requested, ctx):
+        if not isinstance(requested, Auto):
+            return [requested]
+        cands = list(ctx.config.candidates or DEFAULT_AUTO_CANDIDATES)
+        if not ctx.config.candidates:
+            w = ir.fetch_attr(gm, site.info.weight_target).detach()
+            cands += [c for c in existing_sparsity_candidates(w) if c not in cands]
+        return cands
+
+    # ---- measure -----------------------------------------------------------------------------
+    def measure(self, gm, site, patterns, ctx) -> Measured:
+        info: ir.LayerInfo = site.info
+        if info.uses > 1:
+            raise SiteSkipped("weight shared with another op (tied): kept dense so the tie holds")
+        stats = ctx.state.stats.get(site.key)
+        if stats is None or stats.sample is None:
+            raise SiteSkipped("no calibration input reached this layer: kept dense")
+        view = view_of(gm, info)
+        w_dev = view.w.to(ctx.device)
+        b_dev = view.bias.to(ctx.device) if view.bias is not None else None
+        x = stats.sample.to(ctx.device)
+        x = (x[None] if x.dim() == 1 else x).to(w_dev.dtype)
+        with torch.no_grad():
+            dense_out = view.dense(x, w_dev, b_dev)
+        shape_key = (info.op, tuple(x.shape), tuple(view.w.shape), str(view.w.dtype), view.bias is not None,
+                     str(info.conv_params))
+        dense = Trial(Candidate(Dense(), "dense", 0.0), run=lambda: view.dense(x, w_dev, b_dev), key=shape_key)
+        norm = stats.channel_norm if stats.channel_sq_sum is not None else None
+        trials = []
+        with torch.no_grad():
+            for pattern in patterns:
+                trials += self._trials(view, info, pattern, x, b_dev, dense_out, norm, shape_key, ctx)
+        return Measured(dense, trials)
+
+    def _trials(self, view, info, pattern, x, b_dev, dense_out, norm, shape_key, ctx) -> list[Trial]:
+        def note(kernel, sparsity, text):
+            return [Trial(Candidate(pattern, kernel, sparsity, note=text))]
+
+        if isinstance(pattern, Channel):
+            return note("-", pattern.sparsity, "Channel is planned by the channel family (prune_channels)")
+        if not isinstance(pattern, self.patterns):
+            return note("-", 0.0, f"{type(pattern).__name__} is not a weight-sparsity pattern")
+        why = view.unsupported(pattern)
+        if why is not None:
+            return note("-", 0.0, why)
+        try:
+            s = view.scores(pattern.criterion, norm, ctx.config.seed)
+        except ValueError as e:
+            return note("-", 0.0, str(e))
+        w_sparse = view.sparse_weight(pattern, s).to(ctx.device)
+        sparsity = 1.0 - (w_sparse != 0).float().mean().item()
+        if sparsity <= 0.0:
+            return note("-", 0.0, "the mask keeps every weight (the layer would not change): not a candidate")
+        kernels, why_not = registry.kernels_for(pattern, ctx.device, view.w.dtype, tuple(view.w.shape),
+                                                view.layer_op)
+        if ctx.config.kernels:
+            kernels = [k for k in kernels if k.name in ctx.config.kernels]
+        trials = [Trial(Candidate(pattern, name, sparsity, note=why)) for name, why in why_not.items()]
+        if not kernels:
+            return trials
+        sparse_ref = view.dense(x.float(), w_sparse.float(), None if b_dev is None else b_dev.float())
+        substitute = {info.weight_target: storage_weight(info, w_sparse)}
+        params = {"mask_digest": mask_digest(w_sparse)}
+        for k in kernels:
+            try:
+                prepared = k.pack(w_sparse, pattern, info.conv_params)
+                out = k.call(x, prepared, b_dev)
+                check_kernel_output(k.name, out, sparse_ref)
+                err = rel_l2(out, dense_out)
+            except Exception as e:  # a kernel that fails is not a candidate; say why
+                trials.append(Trial(Candidate(pattern, k.name, sparsity,
+                                              note=f"failed: {type(e).__name__}: {str(e)[:120]}")))
+                continue
+            trials.append(Trial(Candidate(pattern, k.name, sparsity, layer_error=err),
+                                run=lambda k=k, prepared=prepared: k.call(x, prepared, b_dev),
+                                key=(k.name, k.version, pattern.to_dict(), *shape_key, round(sparsity, 4)),
+                                prepared=prepared, substitute=substitute, params=params))
+        return trials
+
+    # ---- from the plan alone -----------------------------------------------------------------
+    def prepare(self, gm, site, plan, ctx) -> Prepared:
+        """The packed weight of a planned layer, rebuilt from the plan: the same criterion on the
+        same weights (and statistics, for wanda) gives the same mask, which the digest confirms."""
+        info: ir.LayerInfo = site.info
+        view = view_of(gm, info)
+        stats = ctx.state.stats.get(site.key)
+        norm = stats.channel_norm if stats is not None and stats.channel_sq_sum is not None else None
+        pattern = plan.pattern
+        if pattern.criterion == "wanda" and norm is None:
+            raise ValueError(f"layer {plan.fqn}: the plan's {pattern.describe()} needs calibration statistics "
+                             f"to rebuild its mask; pass the calibration_data it was planned with")
+        with torch.no_grad():
+            w_sparse = view.sparse_weight(pattern, view.scores(pattern.criterion, norm, ctx.config.seed))
+        want = plan.params.get("mask_digest")
+        if want is not None and mask_digest(w_sparse) != want:
+            raise ValueError(f"layer {plan.fqn}: the {pattern.describe()} mask rebuilt from the plan differs "
+                             f"from the planned one: the model's weights (or, for wanda, the calibration "
+                             f"data) are not those the plan was made for")
+        return registry.get(plan.kernel).pack(w_sparse.to(ctx.device), pattern, info.conv_params)
+
+    def rewrite(self, gm: fx.GraphModule, site, plan, prepared, ctx) -> None:
+        node = site.node(gm)
+        info: ir.LayerInfo = site.info
+        spec = registry.get(plan.kernel)
+        _, x_i, w_i, b_i = ir.WEIGHT_OPS[node.target]
+        prefix = buffer_prefix(plan.fqn)
+        buf_nodes = {}
+        with gm.graph.inserting_before(node):
+            for name, tensor in prepared.buffers.items():
+                attr = f"{prefix}_{name}"
+                gm.register_buffer(attr, tensor, persistent=True)
+                buf_nodes[name] = gm.graph.get_attr(attr)
+                buf_nodes[name].meta[ir.FQN] = plan.fqn
+            bias = node.args[b_i] if b_i is not None and len(node.args) > b_i else None
+            new = gm.graph.call_function(spec.overload, spec.op_args(node.args[x_i], buf_nodes, prepared.static, bias))
+        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+        new.meta[ir.FQN] = node.meta.get(ir.FQN, plan.fqn)
+        new.meta[ir.PLAN] = plan
+        new.meta[ir.FROM] = ir.Provenance("rewrite_sites", f"{info.op}->{spec.op}", node.name, plan.fqn, plan.reason)
+        weight = node.args[w_i]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        if not weight.users:
+            gm.graph.erase_node(weight)
+
+
+register_family(WeightFamily())
