@@ -1,6 +1,6 @@
 """prune_channels: structured channel pruning that physically shrinks layers (opt-in, not default).
 
-For every channel group (analysis.channel_groups) that is prunable and whose member layers all have
+For every channel group (groups.py) that is prunable and whose member layers all have
 a `Channel(keep, criterion)` weight pattern in the Config, score the channels, keep the best
 round(keep * C) (at least one) and slice every member of the group consistently: producer weight
 rows and biases, norm parameters and running statistics, depthwise conv weights (and their
@@ -37,10 +37,9 @@ from sparsify.metrics import rel_l2
 from sparsify.patterns import Channel
 from sparsify.pipeline import PassContext, PassResult, register_pass
 
-from ..analysis import criteria
-from ..analysis.channel_groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec,
-                                       find_channel_groups, layer_fqn, next_stamp, op_name,
-                                       slice_bounds, split_pieces)
+from ...analysis import criteria
+from .groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec, find_channel_groups,
+                     layer_fqn, next_stamp, op_name, slice_bounds, split_pieces)
 
 PASS = "prune_channels"
 RULE = "channel_group"

@@ -1,0 +1,1 @@
+"""Sparsity families: each subpackage holds the analysis and rewrite passes of one family."""
