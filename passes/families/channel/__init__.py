@@ -1,7 +1,13 @@
 """The "channel" sparsity family: structured channel pruning that physically shrinks layers.
 
-groups.py  which channels of which tensors must be pruned together (find_channel_groups).
-prune.py   slicing the groups out of a GraphModule, and the prune_channels pass.
+groups.py          which channels of which tensors must be pruned together: ChannelGroup and the
+                   walk that finds the groups (find_channel_groups).
+index_map.py       IndexMap: where a group's channels sit along a dim (offset, unit, packed parts).
+visit.py           what a per-op rule is given (Visit), how it gives up, what it reads off a node.
+op_rules.py        the per-op rules as a table from ATen op name to rule, and the dispatch.
+op_rules_shape.py  the rules of ops that move or cut the channel entries (cat, split, slice, views,
+                   expand, matmul, scaled_dot_product_attention).
+prune.py           slicing a group out of a GraphModule, and the prune_channels pass.
 
 The modules are imported where they are used; sparsify.passes imports the pass to register it.
 """

@@ -38,8 +38,10 @@ from sparsify.patterns import Channel
 from sparsify.pipeline import PassContext, PassResult, register_pass
 
 from ...analysis import criteria
-from .groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec, find_channel_groups,
-                     layer_fqn, next_stamp, op_name, slice_bounds, split_pieces)
+from .groups import ChannelGroup, find_channel_groups, layer_fqn, next_stamp
+from .op_rules import _CONV, _LAYER_NORM, _conv_spec
+from .op_rules_shape import _VIEW, slice_bounds, split_pieces
+from .visit import op_name
 
 PASS = "prune_channels"
 RULE = "channel_group"
