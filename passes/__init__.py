@@ -8,7 +8,7 @@ is Channel; it changes shapes, so it runs before calibration and timing see the 
 """
 from .analysis import find_layers, calibrate, choose  # noqa: F401  (registration order matters)
 from .rewrite import sparsify_weights, fuse_epilogue, rules, fold_batchnorm  # noqa: F401
-from .families.channel import prune  # noqa: F401  (registers prune_channels)
+from .families.channel import prune_pass  # noqa: F401  (registers prune_channels)
 
 from sparsify.pipeline import add_to_default, default_pass_names
 

@@ -11,9 +11,9 @@ import sparsify
 from sparsify import ir
 from sparsify.capture import capture
 from sparsify.metrics import rel_l2
+from sparsify.passes.families.channel import prune_pass as pc  # noqa: F401  (registers the "prune_channels" pass)
 from sparsify.passes.families.channel.groups import find_channel_groups
 from sparsify.passes.families.channel.index_map import IndexMap
-from sparsify.passes.families.channel import prune as pc  # noqa: F401  (registers the "prune_channels" pass)
 from sparsify.passes.families.channel.prune import channel_scores, prune_channel_group
 
 
