@@ -11,9 +11,10 @@ import sparsify
 from sparsify import ir
 from sparsify.capture import capture
 from sparsify.metrics import rel_l2
-from sparsify.passes.analysis.channel_groups import IndexMap, find_channel_groups
-from sparsify.passes.rewrite import prune_channels as pc  # noqa: F401  (registers the "prune_channels" pass)
-from sparsify.passes.rewrite.prune_channels import channel_scores, prune_channel_group
+from sparsify.passes.families.channel import prune_pass as pc  # noqa: F401  (registers the "prune_channels" pass)
+from sparsify.passes.families.channel.groups import find_channel_groups
+from sparsify.passes.families.channel.index_map import IndexMap
+from sparsify.passes.families.channel.prune import channel_scores, prune_channel_group
 
 
 # ---- models -----------------------------------------------------------------------------------

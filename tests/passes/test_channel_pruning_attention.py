@@ -15,9 +15,9 @@ import torch.nn.functional as F
 import sparsify
 from sparsify import ir
 from sparsify.capture import capture
-from sparsify.passes.analysis.channel_groups import find_channel_groups, layer_fqn
-from sparsify.passes.rewrite import prune_channels as pc  # noqa: F401  (registers the pass)
-from sparsify.passes.rewrite.prune_channels import channel_scores, prune_channel_group
+from sparsify.passes.families.channel import prune_pass as pc  # noqa: F401  (registers the pass)
+from sparsify.passes.families.channel.groups import find_channel_groups, layer_fqn
+from sparsify.passes.families.channel.prune import channel_scores, prune_channel_group
 
 aten = torch.ops.aten
 

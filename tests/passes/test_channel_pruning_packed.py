@@ -16,8 +16,8 @@ import torch.nn.functional as F
 import sparsify
 from sparsify import ir
 from sparsify.capture import capture
-from sparsify.passes.analysis.channel_groups import find_channel_groups, layer_fqn
-from sparsify.passes.rewrite.prune_channels import channel_scores, prune_channel_group
+from sparsify.passes.families.channel.groups import find_channel_groups, layer_fqn
+from sparsify.passes.families.channel.prune import channel_scores, prune_channel_group
 
 aten = torch.ops.aten
 E, H, D = 32, 4, 8

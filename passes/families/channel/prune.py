@@ -1,15 +1,13 @@
-"""prune_channels: structured channel pruning that physically shrinks layers (opt-in, not default).
+"""Slicing a channel group out of a GraphModule: prune_channel_group, and channel_scores to choose.
 
-For every channel group (analysis.channel_groups) that is prunable and whose member layers all have
-a `Channel(keep, criterion)` weight pattern in the Config, score the channels, keep the best
-round(keep * C) (at least one) and slice every member of the group consistently: producer weight
-rows and biases, norm parameters and running statistics, depthwise conv weights (and their
-`groups`), per-channel parameters met on the way, layer_norm / view / expand size arguments, the
-piece sizes of a split along the channel dim (it becomes a split_with_sizes), and the input columns
-of every consumer layer. A group channel may be a block of entries (a whole attention head:
-`unit` = head_dim), may sit at an offset (an input of a concatenation) and may repeat in the parts
-of a packed projection (a head's rows of q, k and v in one q|k|v weight): each slot's index map
-says which entries go.
+prune_channel_group slices every member of a group (groups.py) consistently: producer weight rows
+and biases, norm parameters and running statistics, depthwise conv weights (and their `groups`),
+per-channel parameters met on the way, layer_norm / view / expand size arguments, the piece sizes of
+a split along the channel dim (it becomes a split_with_sizes), the bounds of a slice along it, and
+the input columns of every consumer layer. A group channel may be a block of entries (a whole
+attention head: `unit` = head_dim), may sit at an offset (an input of a concatenation) and may
+repeat in the parts of a packed projection (a head's rows of q, k and v in one q|k|v weight): each
+slot's index map says which entries go.
 
 Groups are found once and pruned one after another, so a group's offsets can be stale: pruning the
 first input of a cat shifts the second input's columns in the consumer. Every prune logs the entries
@@ -20,9 +18,6 @@ The user's tensors are never changed in place: each sliced tensor is registered 
 under a new attribute name (`_pruned_<target>`), its get_attr nodes are repointed, and the old
 attribute is removed from a shallow copy of the submodule that held it (so the parameter count of
 the GraphModule drops while the user's modules and any snapshot sharing them keep theirs).
-
-Use it by name: `Pipeline(["find_layers", "prune_channels", ...])`. It is idempotent: a group whose
-producers' output channels were already pruned by this pass is left alone on a second run.
 """
 from __future__ import annotations
 
@@ -33,16 +28,14 @@ import torch
 import torch.fx as fx
 
 from sparsify import ir
-from sparsify.metrics import rel_l2
-from sparsify.patterns import Channel
-from sparsify.pipeline import PassContext, PassResult, register_pass
 
-from ..analysis import criteria
-from ..analysis.channel_groups import (_CONV, _LAYER_NORM, _VIEW, ChannelGroup, _conv_spec,
-                                       find_channel_groups, layer_fqn, next_stamp, op_name,
-                                       slice_bounds, split_pieces)
+from ...analysis import criteria
+from .groups import ChannelGroup, layer_fqn, next_stamp
+from .op_rules import _CONV, _LAYER_NORM, _conv_spec
+from .op_rules_shape import _VIEW, slice_bounds, split_pieces
+from .visit import op_name
 
-PASS = "prune_channels"
+PASS = "prune_channels"   # the provenance of every node a prune changes names the pass
 RULE = "channel_group"
 _OUT_MARK = "out channels"
 _LOG = "sparsify.pruned_channels"   # node.meta: [(stamp, dim, removed entries in the then-current coords)]
@@ -432,84 +425,3 @@ def node_values(gm: fx.GraphModule, nodes, args, kwargs) -> dict[str, torch.Tens
         for a in added:
             gm.graph.erase_node(a)
         gm.recompile()
-
-
-def _measure(gm: fx.GraphModule, group: ChannelGroup, dense: dict, ctx: PassContext, records: list) -> None:
-    """Run the calibration batch on the graph just pruned (it must still run) and record the largest
-    relative output error of the group's consumers against the unpruned graph (this group and the
-    ones pruned before it)."""
-    try:
-        after = node_values(gm, group.consumers, *ctx.calibration[0])
-    except Exception as e:
-        raise RuntimeError(f"after pruning channel group {group.name}, the graph no longer runs on the "
-                           f"calibration batch: {type(e).__name__}: {e}") from e
-    errors = [(rel_l2(after[n.name], dense[n.name]), group.fqn_of(n)) for n in group.consumers
-              if n.name in after and n.name in dense and after[n.name].shape == dense[n.name].shape]
-    if errors:
-        err, where = max(errors)
-        for record in records:
-            record.update(consumer_error=err, consumer=ctx.full_fqn(where))
-
-
-# ---- the pass -------------------------------------------------------------------------------
-def _already_pruned(group: ChannelGroup) -> bool:
-    # the seed only: another producer may own other channels too (a residual meeting a concat)
-    prov = group.seed.meta.get(ir.FROM) if group.seed is not None else None
-    return prov is not None and prov.pass_name == PASS and _OUT_MARK in prov.detail
-
-
-@register_pass(PASS, kind="rewrite")
-def prune_channels(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    """Prune every prunable channel group whose member layers all ask for Channel(keep)."""
-    groups = find_channel_groups(gm)
-    skipped = ctx.state.setdefault("channel_groups_skipped", {})
-    done = ctx.state.setdefault("channel_groups_pruned", {})
-    pruned, removed = 0, 0
-    dense = None   # consumer outputs before any pruning: taken only once something will be pruned
-    for g in groups:
-        producers = [ctx.full_fqn(f) for f in g.producer_fqns]
-        if not g.prunable:
-            for f in producers:
-                skipped[f] = g.reason
-            continue
-        patterns, refusal = {}, None
-        for f in g.layer_fqns:
-            pattern, source = ctx.config.pattern_for(ctx.full_fqn(f), "weight")
-            if not isinstance(pattern, Channel):
-                refusal = (f"member layer {ctx.full_fqn(f)} has weight pattern {pattern.describe()} "
-                           f"({source}), not Channel")
-                break
-            patterns[f] = pattern
-        if refusal is not None:
-            for f in producers:
-                skipped[f] = refusal
-            continue
-        if _already_pruned(g):
-            continue
-        # producers decide; where their Channel patterns differ, the most conservative keep wins
-        chosen = max((patterns[f] for f in g.producer_fqns), key=lambda p: p.keep)
-        k = max(1, int(round(chosen.keep * g.channels)))
-        if k >= g.channels:
-            continue
-        ctx.say(f"prune {g.name}: keep {k}/{g.channels} channels{g.extent}")
-        if dense is None and ctx.calibration:
-            # to state what each pruned group costs where it is read
-            dense = node_values(gm, [n for h in groups if h.prunable for n in h.consumers], *ctx.calibration[0])
-        s = channel_scores(gm, g, chosen.criterion, seed=ctx.config.seed)
-        keep_idx = torch.sort(s.topk(k).indices).values
-        summary = prune_channel_group(gm, g, keep_idx)
-        removed += summary["params_removed"]
-        for f in producers:
-            done[f] = {"kept": k, "channels": g.channels, "unit": g.unit, "weights": g.weights,
-                       "members": [ctx.full_fqn(x) for x in g.fqns], "pattern": chosen.describe()}
-        for n in [*g.consumers, *(u for u, role in g.others if role == "depthwise")]:
-            info = n.meta.get(ir.LAYER)
-            if info is not None and ir.STATS in n.meta and "stats" in ctx.state:
-                ctx.state["stats"][info.fqn] = n.meta[ir.STATS]
-        pruned += 1
-        if dense is not None:
-            # now, before a later group shrinks these consumers' own outputs
-            _measure(gm, g, dense, ctx, [done[f] for f in producers])
-    return PassResult(gm, modified=bool(pruned),
-                      info={"groups": len(groups), "pruned": pruned, "params_removed": removed,
-                            "skipped": sum(not g.prunable for g in groups)})
