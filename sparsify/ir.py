@@ -7,6 +7,7 @@ Meta keys (documented with their invariants in passes/README.md):
   sparsify.stats  LayerStats  calibration statistics of a site's probed input (on the probe's owner)
   sparsify.plan   LayerPlan   the decision for a site (written by analysis passes only)
   sparsify.from   Provenance  on every node a rewrite pass creates
+  sparsify.original_target  str  on a get_attr node a rewrite repointed: the attribute it read at capture
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ LAYER = "sparsify.layer"
 STATS = "sparsify.stats"
 PLAN = "sparsify.plan"
 FROM = "sparsify.from"
+ORIGINAL_TARGET = "sparsify.original_target"
 
 aten = torch.ops.aten
 
@@ -186,10 +188,11 @@ def probes(gm: fx.GraphModule, watch: Iterable[tuple[fx.Node, Any]], callback: C
 
 def shallow_module_copy(mod: torch.nn.Module) -> torch.nn.Module:
     """A module with its own attribute, parameter, buffer and child tables, sharing every tensor and
-    child: setting an attribute on the copy leaves the original untouched, without copying weights."""
-    import copy
+    child: setting an attribute on the copy leaves the original untouched, without copying weights.
 
-    new = copy.copy(mod)
+    Not copy.copy: GraphModule.__copy__ builds a new GraphModule on the same Graph object, which makes
+    the copy the graph's owning module, so the original's graph.lint() checks the copy's attributes."""
+    new = type(mod).__new__(type(mod))
     new.__dict__ = dict(mod.__dict__)
     new._parameters = dict(mod._parameters)
     new._buffers = dict(mod._buffers)

@@ -284,8 +284,10 @@ class SparseModule(nn.Module):
     def _check_model_speed(self, cap: Capture, batches, dense, build) -> None:
         """Per-layer timings miss what only shows end to end (launch gaps, layout copies): time the
         compiled model against dense on the first calibration batch. While it is slower, the half
-        of the sparse layers that save the least per call (measured per layer) goes dense and the
-        model is timed again, so a few clear wins survive a crowd of marginal ones."""
+        of the sparse sites that save the least per call (measured per site) goes dense and the
+        model is timed again, so a few clear wins survive a crowd of marginal ones. Sites planned
+        without a per-site time (pruned channel groups: smaller dense layers) are not rolled back
+        for speed, only for the error budget."""
         if not self.config.check_model_speed or self.config.force or not self.plan.sparse_layers() or not batches:
             return  # force means "sparse even where slower": the user asked for it
         from .timing import compare_ms
@@ -296,8 +298,8 @@ class SparseModule(nn.Module):
             dense_ms, sparse_ms = compare_ms([lambda: self._model(*args, **kwargs), lambda: cap.root(*args, **kwargs)],
                                              self.device, self.config.timing_repeats)
             self.plan.model_dense_ms, self.plan.model_sparse_ms = dense_ms, sparse_ms
-            sparse = self.plan.sparse_layers()
-            if sparse_ms <= dense_ms:
+            sparse = [lp for lp in self.plan.sparse_layers() if lp.sparse_ms is not None]
+            if sparse_ms <= dense_ms or not sparse:
                 return
             ranked = sorted(sparse, key=_saved_ms)
             drop = ranked[:(len(ranked) + 1) // 2]

@@ -1,4 +1,4 @@
-"""Channel groups (dependency graph of coupled channels) and the prune_channels rewrite."""
+"""Channel groups (dependency graph of coupled channels) and the channel family that prunes them."""
 import copy
 import re
 
@@ -11,7 +11,7 @@ import sparsify
 from sparsify import ir
 from sparsify.capture import capture
 from sparsify.metrics import rel_l2
-from sparsify.passes.families.channel import prune_pass as pc  # noqa: F401  (registers the "prune_channels" pass)
+from sparsify.passes.families.channel import family as channel_family
 from sparsify.passes.families.channel.groups import find_channel_groups
 from sparsify.passes.families.channel.index_map import IndexMap
 from sparsify.passes.families.channel.prune import channel_scores, prune_channel_group
@@ -95,6 +95,23 @@ def _group_of(groups, producer):
 
 def _ctx(config, x):
     return sparsify.PassContext(config, calibration=[((x,), {})])
+
+
+_PRUNE = ["find_sites", "calibrate", "plan_sites", "rewrite_sites"]
+
+
+def _prune(gm, ctx):
+    """Plan and rewrite, the way compile does it (without rollback): the channel family prunes."""
+    return sparsify.Pipeline(_PRUNE).run(gm, ctx)
+
+
+def _plan_of(ctx, fqn):
+    """The channel plan of the group that layer `fqn` produces."""
+    return next(lp for lp in ctx.state.plans.values() if lp.family == "channel" and fqn in lp.members)
+
+
+def _pruned(ctx):
+    return {lp.fqn: lp for lp in ctx.state.plans.values() if lp.status == "pruned"}
 
 
 # ---- (1) ResNet-style block ---------------------------------------------------------------------
@@ -277,8 +294,8 @@ def test_view_that_merges_the_channel_dim_with_the_batch_is_not_prunable():
     assert "merges or splits" in group.reason
 
     ctx = _ctx(sparsify.Config(weight=sparsify.Channel(0.5)), x)
-    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, ctx)
-    assert "merges or splits" in ctx.state["channel_groups_skipped"]["conv"]
+    gm = _prune(gm, ctx)
+    assert "merges or splits" in _plan_of(ctx, "conv").reason
     assert ir.fetch_attr(gm, "conv.weight").shape == (8, 3, 3, 3)
 
 
@@ -374,8 +391,8 @@ def test_nested_concat_of_linears_maps_offsets_through_every_cat():
     torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
 
     ctx = _ctx(sparsify.Config(weight=sparsify.Channel(0.5)), x)
-    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(_capture(model, x), ctx)
-    assert {"stem", "f1", "f2"} <= set(ctx.state["channel_groups_pruned"])
+    gm = _prune(_capture(model, x), ctx)
+    assert {"stem", "f1", "f2"} <= set(_pruned(ctx))
     assert gm(x).shape == (3, 7, 2)
 
 
@@ -491,33 +508,32 @@ def test_depthwise_conv_couples_its_input_and_output_channels():
 
 
 # ---- (4) through the Pipeline ---------------------------------------------------------------------
-def test_prune_channels_pass_in_a_pipeline():
-    names = sparsify.pipeline.default_pass_names()
-    assert names.index("prune_channels") == names.index("find_layers") + 1
+def test_channel_family_in_a_pipeline():
     model = ResNetish().eval()
     x = _x()
     ref = model(x)
     gm = _capture(model, x)
     n0 = _nparams(gm)
     ctx = _ctx(sparsify.Config(weight=sparsify.Channel(0.5)), x)
-    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, ctx)
+    gm = _prune(gm, ctx)
     y = gm(x)
     assert y.shape == ref.shape and torch.isfinite(y).all()
     n1 = _nparams(gm)
     assert n1 < n0
-    assert ctx.state["channel_groups_skipped"] == {"head": "channel dim reaches the graph output (via node linear)"}
-    assert ctx.state["channel_groups_pruned"]["conv1"]["kept"] == 4
-    assert ctx.state["channel_groups_pruned"]["conv3"]["kept"] == 8
+    refused = {lp.fqn: lp.reason for lp in ctx.state.plans.values() if lp.status == "dense"}
+    assert refused == {"head": "channel pruning not applied: channel dim reaches the graph output (via node linear)"}
+    assert len(_pruned(ctx)["conv1"].params["keep"]) == 4
+    assert len(_plan_of(ctx, "conv3").params["keep"]) == 8
     # LayerInfo and provenance follow the rewrite
     layers = {n.meta[ir.LAYER].fqn: n for n in ir.layer_nodes(gm)}
     assert layers["conv3"].meta[ir.LAYER].weight_shape == (8, 4, 1, 1)
     assert layers["head"].meta[ir.LAYER].weight_shape == (10, 8)
     w = layers["conv1"].args[1]
     prov = w.meta[ir.FROM]
-    assert prov.pass_name == "prune_channels" and prov.rule == "channel_group" and prov.fqn == "conv1"
+    assert prov.pass_name == "rewrite_sites" and prov.rule == "channel_group" and prov.fqn == "conv1"
     assert "kept 4/8 channels" in prov.detail
-    # a second run changes nothing (idempotent)
-    again = sparsify.Pipeline(["prune_channels"]).run(gm, ctx)
+    # the rewrite a second time changes nothing (idempotent)
+    again = sparsify.Pipeline(["find_sites", "rewrite_sites"]).run(gm, ctx, available={"plan"})
     assert _nparams(again) == n1 and torch.equal(again(x), y)
 
 
@@ -527,7 +543,7 @@ def test_pass_respects_per_layer_patterns_and_keep_one():
     ref = model(x)
     gm = _capture(model, x)
     ctx = _ctx(sparsify.Config(weight=sparsify.Channel(1.0)), x)
-    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, ctx)
+    gm = _prune(gm, ctx)
     assert torch.equal(gm(x), ref)
 
     # only conv1/conv2 ask for channels: the conv1 group is pruned, the residual one is refused
@@ -541,9 +557,9 @@ def test_pass_respects_per_layer_patterns_and_keep_one():
     cfg = sparsify.Config(weight=sparsify.Dense(), overrides=(("conv1", sparsify.Channel(5 / 8)),
                                                                ("conv2", sparsify.Channel(5 / 8))))
     ctx = _ctx(cfg, x)
-    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, ctx)
-    assert list(ctx.state["channel_groups_pruned"]) == ["conv1"]
-    assert "member layer stem has weight pattern Dense()" in ctx.state["channel_groups_skipped"]["conv2"]
+    gm = _prune(gm, ctx)
+    assert list(_pruned(ctx)) == ["conv1"]
+    assert "member layer stem has weight pattern Dense()" in _plan_of(ctx, "conv2").reason
     torch.testing.assert_close(gm(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -560,7 +576,7 @@ def test_report_states_the_output_error_where_pruned_channels_are_read():
     model = MLP().eval()
     x = torch.randn(6, 12, generator=torch.Generator().manual_seed(3))
     # every member of a group must ask for Channel: fc2's group includes its consumer `out`
-    cfg = sparsify.Config(weight=sparsify.Channel(0.5), force=True)
+    cfg = sparsify.Config(weight=sparsify.Channel(0.5), max_error=10.0)
     sm = sparsify.compile(model, x, cfg)
     assert "reaches the graph output" in sm.plan.layers["out"].reason
     # the expected numbers: mask what was pruned in a copy, compare the consumers' outputs
@@ -654,7 +670,7 @@ def test_convnext_block_couples_permute_layernorm_layer_scale_and_residual():
 
     gm = _capture(model, x)
     ctx = _ctx(sparsify.Config(weight=sparsify.Channel(0.5)), x)
-    gm = sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, ctx)
+    gm = _prune(gm, ctx)
     assert gm(x).shape == ref.shape
     layers = {n.meta[ir.LAYER].fqn: n.meta[ir.LAYER] for n in ir.layer_nodes(gm)}
     assert layers["stem"].weight_shape == (4, 3, 2, 2) and layers["stem"].output_shape == (2, 4, 6, 6)
@@ -665,11 +681,13 @@ def test_convnext_block_couples_permute_layernorm_layer_scale_and_residual():
     assert list(ln.args[1]) == [4]
 
 
-def test_pass_runs_no_calibration_forward_when_nothing_is_pruned(monkeypatch):
-    # prune_channels is in the default pipeline: without Channel patterns it must cost no forward
+def test_channel_family_costs_nothing_when_no_layer_asks_for_channels(monkeypatch):
+    # the family is registered for every compile: without Channel patterns it must walk no group and run
+    # no forward
     runs = []
-    monkeypatch.setattr(pc, "node_values", lambda *a, **k: runs.append(a) or {})
+    monkeypatch.setattr(channel_family, "node_values", lambda *a, **k: runs.append(a) or {})
+    monkeypatch.setattr(channel_family, "find_channel_groups", lambda *a, **k: runs.append(a) or [])
     x = _x()
     gm = _capture(ResNetish().eval(), x)
-    sparsify.Pipeline(["find_layers", "prune_channels"]).run(gm, _ctx(sparsify.Config(), x))
+    _prune(gm, _ctx(sparsify.Config(), x))
     assert runs == []

@@ -142,13 +142,13 @@ def test_split_along_the_channel_dim_becomes_split_with_sizes(how):
     assert len(splits) == 1 and splits[0].target == aten.split_with_sizes.default
     assert list(splits[0].args[1]) == [D, D, D]
     prov = splits[0].meta[ir.FROM]
-    assert prov.pass_name == "prune_channels" and f"[{E}, {E}, {E}] -> [{D}, {D}, {D}]" in prov.detail
+    assert prov.pass_name == "rewrite_sites" and f"[{E}, {E}, {E}] -> [{D}, {D}, {D}]" in prov.detail
 
 
 def test_compile_prunes_packed_qkv_heads_and_reports_them():
     model = PackedAttention("split").eval()
     x = _x()
-    sm = sparsify.compile(model, x, sparsify.Config(weight=sparsify.Channel(0.5), force=True))
+    sm = sparsify.compile(model, x, sparsify.Config(weight=sparsify.Channel(0.5), max_error=10.0))
     gm = sm.graph_module
     assert tuple(_weight(gm, "qkv").shape) == (3 * E // 2, E) and tuple(_weight(gm, "o").shape) == (E, E // 2)
     assert "kept 2/4 heads of 8 channels" in sm.plan.layers["qkv"].reason
@@ -319,7 +319,7 @@ def test_pruning_a_packed_gqa_kv_group_equals_masking_its_q_heads(how, attn):
 
 def test_compile_reports_a_packed_gqa_channel_as_its_parts():
     model, x = PackedGQA().eval(), _x()
-    sm = sparsify.compile(model, x, sparsify.Config(weight=sparsify.Channel(0.5), force=True))
+    sm = sparsify.compile(model, x, sparsify.Config(weight=sparsify.Channel(0.5), max_error=10.0))
     assert tuple(_weight(sm.graph_module, "qkv").shape) == (E, E)
     assert "kept 1/2 blocks of 16+8+8 channels (3 packed parts)" in sm.plan.layers["qkv"].reason
     assert sm(x).shape == model(x).shape and torch.isfinite(sm(x)).all()

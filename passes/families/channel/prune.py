@@ -35,7 +35,7 @@ from .op_rules import _CONV, _LAYER_NORM, _conv_spec
 from .op_rules_shape import _VIEW, slice_bounds, split_pieces
 from .visit import op_name
 
-PASS = "prune_channels"   # the provenance of every node a prune changes names the pass
+PASS = "rewrite_sites"   # the provenance of every node a prune changes names the pass that ran it
 RULE = "channel_group"
 _OUT_MARK = "out channels"
 _LOG = "sparsify.pruned_channels"   # node.meta: [(stamp, dim, removed entries in the then-current coords)]
@@ -318,6 +318,7 @@ def _slice_params(gm: fx.GraphModule, group: ChannelGroup, plan: dict, detail: s
         else:
             gm.register_buffer(name, sliced)
         for n, _ in items:
+            n.meta.setdefault(ir.ORIGINAL_TARGET, n.target)   # layer names stay those of the capture
             n.target = name
             _note(n, f"{detail} along dim {d} of {target}")
         old_targets.append(target)

@@ -87,7 +87,9 @@ class WeightFamily(Family):
     auto = True
 
     def find_sites(self, gm, ctx):
-        return find_weight_layers(gm, ctx, self.name)
+        """Every weight layer whose Config pattern this family owns (the others, Channel say, are
+        another family's sites; their `sparsify.layer` meta is written all the same)."""
+        return [s for s in find_weight_layers(gm, ctx, self.name) if self.owns(self.requested(s, ctx)[0])]
 
     def candidates(self, gm, site, requested, ctx):
         if not isinstance(requested, Auto):
@@ -128,7 +130,7 @@ class WeightFamily(Family):
             return [Trial(Candidate(pattern, kernel, sparsity, note=text))]
 
         if isinstance(pattern, Channel):
-            return note("-", pattern.sparsity, "Channel is planned by the channel family (prune_channels)")
+            return note("-", pattern.sparsity, "Channel is planned by the channel family")
         if not isinstance(pattern, self.patterns):
             return note("-", 0.0, f"{type(pattern).__name__} is not a weight-sparsity pattern")
         why = view.unsupported(pattern)

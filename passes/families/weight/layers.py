@@ -36,10 +36,11 @@ def layer_info(gm: fx.GraphModule, node: fx.Node, full_fqn) -> ir.LayerInfo | No
     if bias is not None and not _is_param(gm, bias):
         return None  # a computed bias is legal torch but not something we pack
     w_target = weight.target
-    if w_target == "weight":  # the captured module is itself the layer (a part, or a bare Linear)
+    named = weight.meta.get(ir.ORIGINAL_TARGET, w_target)   # a pruned weight keeps its layer's name
+    if named == "weight":  # the captured module is itself the layer (a part, or a bare Linear)
         local = ""
     else:
-        local = w_target[: -len(".weight")] if w_target.endswith(".weight") else w_target
+        local = named[: -len(".weight")] if named.endswith(".weight") else named
     in_shape, dtype = ir.tensor_meta(node.args[x_i])
     out_shape, _ = ir.tensor_meta(node)
     w = ir.fetch_attr(gm, w_target)
