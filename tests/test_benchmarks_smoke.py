@@ -139,3 +139,13 @@ def test_bench_linear_smoke_runs_and_the_sparsify_kernels_are_right(tmp_path, ca
         assert rows[provider]["status"] == "ok", rows[provider]
     assert rows["dense"]["ratio"] == 1.0 and "**WRONG**" not in text and "INCOMPLETE" not in text
 
+
+def test_bench_compile_writes_its_table_with_the_header(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    import bench_compile
+
+    out = tmp_path / "compile.md"
+    assert bench_compile.main(["--models", "resnet", "--configs", "dense", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| resnet | dense |" in text and "- load average: start" in text
+    assert "| resnet | dense |" in capsys.readouterr().out
