@@ -18,30 +18,29 @@ sparsify ops through their torch custom op, inputs and outputs channels-last):
 Without CUDA (and without --smoke) only the dense providers and sparsify-csr run, with real CPU
 timings: the Triton providers would run in the interpreter there.
 
-"vs dense" divides the faster of the two dense layouts by the provider's time: the best peer, not a
-strawman. There is no PyTorch weight-sparse conv to compare with. Each provider's output is checked
-against float32 F.conv2d on the masked weight (relative L2, WRONG above --tol).
+"vs best dense" divides the faster of the two dense layouts by the provider's time: the best peer,
+not a strawman. There is no PyTorch weight-sparse conv to compare with. Each provider's output is
+checked against float32 F.conv2d on the masked weight (relative L2, WRONG above --tol).
 
-Timing: `sparsify.timing.measure_ms`, the cost model's own timer (CUDA: back-to-back
-calls between events, so host launch cost counts as it does inside a model; CPU: minimum of repeats).
-A --smoke run checks code paths only; its timings are the interpreter's and mean nothing.
+Timing: the harness's Timer with cuda="model", i.e. `sparsify.timing.compare_ms`, the cost model's
+own timer (CUDA: back-to-back calls between events, so host launch cost counts as it does inside a
+model; CPU: all providers of a shape interleaved call by call, minimum of --repeats).
+A --smoke run (tiny shapes, sparsify-csr at the first of --sparsities only) checks code paths
+only; its timings are the interpreter's and mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_linear import (RESULTS, _short, command_line, device_slug, env_info, rel_err,  # noqa: E402
-                          write_markdown)
+import harness as H  # noqa: E402
+from harness import Provider  # noqa: E402
 
 # (C_in, C_out, H=W, kernel, stride): the 3x3 and 1x1 convs of ResNet-50's four stages.
 RESNET50 = ((64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (256, 256, 14, 3, 1), (512, 512, 7, 3, 1),
@@ -57,10 +56,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=None, help="default 32 on CUDA, 1 on CPU")
-    p.add_argument("--sparsities", type=lambda s: tuple(float(v) for v in s.split(",")), default=SPARSITIES,
+    p.add_argument("--sparsities", type=H.floats, default=SPARSITIES,
                    help=f"unstructured sparsities for sparsify-csr (default {SPARSITIES})")
-    p.add_argument("--densities", type=lambda s: tuple(float(v) for v in s.split(",")), default=DENSITIES)
-    p.add_argument("--blocks", type=lambda s: tuple(int(v) for v in s.split(",")), default=BLOCKS)
+    p.add_argument("--densities", type=H.floats, default=DENSITIES)
+    p.add_argument("--blocks", type=H.ints, default=BLOCKS)
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float16 on CUDA, float32 on CPU")
     p.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU runs under TRITON_INTERPRET=1")
     p.add_argument("--repeats", type=int, default=20, help="CPU timing repeats")
@@ -71,117 +70,89 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _sparsify():
-    from sparsify.codegen import runtime
-    from sparsify.codegen.kernels import bsr_conv2d, csr_conv2d, nm_conv2d
+def conv_view(w: torch.Tensor, stride: int, pad: int):
+    """The planner's view of a conv weight (masks over the implicit-GEMM layout): the one import of
+    ConvView."""
     from sparsify.passes.analysis.choose import ConvView
-    from sparsify.timing import measure_ms
+
+    return ConvView(w, None, {"stride": [stride] * 2, "padding": [pad] * 2, "dilation": [1, 1], "groups": 1})
+
+
+def providers(args, x, w, k: int, stride: int, triton_rows: bool) -> list[Provider]:
+    """Dense (both layouts, the baselines) and the sparse providers of one conv shape."""
+    from sparsify.codegen.kernels import bsr_conv2d, csr_conv2d, nm_conv2d
     from sparsify.patterns import NM, Block, Unstructured
-    return runtime, bsr_conv2d, nm_conv2d, csr_conv2d, ConvView, measure_ms, NM, Block, Unstructured
+
+    pad = k // 2
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    out = [Provider("dense-nchw", lambda: F.conv2d(x, w, None, stride, pad), baseline=True, note="F.conv2d NCHW"),
+           Provider("dense-cl", lambda: F.conv2d(x_cl, w_cl, None, stride, pad), baseline=True,
+                    note="F.conv2d channels-last")]
+    cases = []
+    if triton_rows:
+        cases += [(f"block{b} d={d}", "sparsify-bsr", Block(b, d)) for b in args.blocks for d in args.densities]
+        cases.append(("2:4", "sparsify-nm", NM(2, 4)))
+    cases += [(f"unstructured {sp}", "sparsify-csr", Unstructured(sp))
+              for sp in (args.sparsities[:1] if args.smoke else args.sparsities)]
+    view = conv_view(w, stride, pad)
+    for label, name, pattern in cases:
+        prov = Provider(name, pattern=label)
+        try:
+            wm = view.sparse_weight(pattern, w.float().abs())
+            prov.ref = lambda wm=wm: F.conv2d(x.float(), wm.float(), None, stride, pad)
+            if name == "sparsify-bsr":
+                packed = bsr_conv2d.pack_bsr_conv(wm, pattern.block)
+                prov.fn = lambda p=packed: bsr_conv2d.bsr_conv2d(x_cl, p, None, stride, pad)
+            elif name == "sparsify-nm":
+                packed = nm_conv2d.pack_nm_conv(wm, 2, 4)
+                prov.fn = lambda p=packed: nm_conv2d.nm_conv2d(x_cl, p, None, stride, pad)
+            else:   # NCHW in and out, the layout MKL's im2col path wants
+                packed = csr_conv2d.pack_csr_conv(wm)
+                prov.fn = lambda p=packed: csr_conv2d.csr_conv2d(x, p, k, k, None, stride, pad)
+        except Exception as e:  # noqa: BLE001 -- a provider that cannot be set up is a row
+            prov.fn, prov.status = None, "error: setup " + H.short(e)
+        out.append(prov)
+    return out
 
 
-def run(args, device, dtype, rows, say):
-    runtime, bsr_mod, nm_mod, csr_mod, ConvView, measure_ms, NM, Block, Unstructured = _sparsify()
+def run(args, device, dtype, table: H.ProviderTable, timer: H.Timer, say) -> None:
     gen = torch.Generator().manual_seed(args.seed)
-    shapes = SMOKE if args.smoke else RESNET50
-    batch = args.batch or (32 if device.type == "cuda" else 1)
-    batch = min(batch, 2) if args.smoke else batch
-    triton_rows = device.type == "cuda" or args.smoke
-    for c, o, hw, k, stride in shapes:
-        pad = k // 2
-        shape = f"{batch}x{c}x{hw}x{hw} -> {o}, {k}x{k}/{stride}"
+    batch = min(args.batch, 2) if args.smoke else args.batch
+    for c, o, hw, k, stride in SMOKE if args.smoke else RESNET50:
         x = torch.randn(batch, c, hw, hw, generator=gen).to(device=device, dtype=dtype)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
         w = (torch.randn(o, c, k, k, generator=gen) / (c * k * k) ** 0.5).to(device=device, dtype=dtype)
-        view = ConvView(w, None, {"stride": [stride] * 2, "padding": [pad] * 2, "dilation": [1, 1], "groups": 1})
-        t = lambda fn: measure_ms(fn, device, args.repeats)  # noqa: E731
-        dense_nchw = t(lambda: F.conv2d(x, w, None, stride, pad))
-        w_cl = w.contiguous(memory_format=torch.channels_last)
-        dense_cl = t(lambda: F.conv2d(x_cl, w_cl, None, stride, pad))
-        best = min(dense_nchw, dense_cl)
-        for name, ms in (("dense-nchw", dense_nchw), ("dense-cl", dense_cl)):
-            rows.append(dict(shape=shape, pattern="dense", provider=name, ms=ms, ratio=best / ms, err=None,
-                             status="ok"))
-        cases = []
-        if triton_rows:
-            cases += [(f"block{b} d={d}", "sparsify-bsr", Block(b, d)) for b in args.blocks for d in args.densities]
-            cases.append(("2:4", "sparsify-nm", NM(2, 4)))
-        if not args.smoke:
-            cases += [(f"unstructured {sp}", "sparsify-csr", Unstructured(sp)) for sp in args.sparsities]
-        for label, provider, pattern in cases:
-            row = dict(shape=shape, pattern=label, provider=provider, ms=None, ratio=None, err=None)
-            try:
-                wm = view.sparse_weight(pattern, w.float().abs())
-                ref = F.conv2d(x.float(), wm.float(), None, stride, pad)
-                if provider == "sparsify-bsr":
-                    packed = bsr_mod.pack_bsr_conv(wm, pattern.block)
-                    fn = lambda: bsr_mod.bsr_conv2d(x_cl, packed, None, stride, pad)  # noqa: E731
-                elif provider == "sparsify-nm":
-                    packed = nm_mod.pack_nm_conv(wm, 2, 4)
-                    fn = lambda: nm_mod.nm_conv2d(x_cl, packed, None, stride, pad)  # noqa: E731
-                else:   # NCHW in and out, the layout MKL's im2col path wants
-                    packed = csr_mod.pack_csr_conv(wm)
-                    fn = lambda: csr_mod.csr_conv2d(x, packed, k, k, None, stride, pad)  # noqa: E731
-                with runtime.force_triton() if device.type == "cpu" and provider != "sparsify-csr" else contextlib.nullcontext():
-                    row["err"] = rel_err(fn(), ref)
-                    row["ms"] = t(fn)
-                row["ratio"] = best / row["ms"]
-                row["status"] = "ok" if row["err"] <= args.tol else "WRONG"
-            except Exception as e:  # noqa: BLE001 -- a failing provider is a row, not the end of the run
-                row["status"] = f"error: {_short(e)}"
-                traceback.print_exc(limit=2)
-            rows.append(row)
-            say(row)
-
-
-def table(rows, tol: float, smoke_cpu: bool) -> str:
-    ms = "ms (CPU interpreter, meaningless)" if smoke_cpu else "ms"
-    lines = [f"| shape | pattern | provider | {ms} | vs best dense | rel err |", "|---|---|---|---:|---:|---|"]
-    for r in rows:
-        err = "-" if r["err"] is None else f"{r['err']:.1e}"
-        if r["status"] == "WRONG":
-            err = f"**WRONG** {r['err']:.2e} (> {tol:g})"
-        elif r["status"].startswith("error"):
-            err = r["status"].replace("|", "/")
-        ms_s = "-" if r["ms"] is None else f"{r['ms']:.4f}"
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"| {r['shape']} | {r['pattern']} | {r['provider']} | {ms_s} | {ratio} | {err} |")
-    return "\n".join(lines)
+        provs = providers(args, x, w, k, stride, triton_rows=device.type == "cuda" or args.smoke)
+        say(table.add(H.run_case({"shape": f"{batch}x{c}x{hw}x{hw} -> {o}, {k}x{k}/{stride}"}, provs, timer,
+                                 args.tol)))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and args.smoke:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, TRITON_INTERPRET="1"))
+    device = H.pick_device("bench_conv", smoke=args.smoke)
+    H.import_sparsify()
+    from sparsify.codegen import runtime
+
     args.dtype = args.dtype or ("float16" if device.type == "cuda" else "float32")
-    dtype = DTYPES[args.dtype]
-    info = env_info(device)
-    started = datetime.datetime.now(datetime.timezone.utc)
-    print(f"[bench_conv] {info}", flush=True)
-    rows: list[dict] = []
-    run(args, device, dtype, rows, lambda r: print(f"[bench_conv] {r}", flush=True))
-    smoke_cpu = device.type == "cpu" and args.smoke
-    text = table(rows, args.tol, smoke_cpu)
-    print(text)
-    if args.out or not args.smoke:
-        if args.out:
-            path = Path(args.out)
-        elif device.type == "cpu":
-            from sparsify.timing import device_name
-            path = RESULTS / f"{device_name(device)}-conv.md"
-        else:
-            path = RESULTS / f"{device_slug(device)}-conv.md"
-        items = [("device", info["device"]), ("versions", f"torch {info['torch']}, triton {info['triton']}, "
-                                                          f"CUDA {info['cuda']}, python {info['python']}"),
-                 ("date (UTC)", started.strftime("%Y-%m-%d %H:%M")), ("command", f"`{command_line()}`"),
-                 ("dtype", args.dtype), ("batch", str(args.batch or (32 if device.type == "cuda" else 1))),
-                 ("timing", "sparsify cost model measure_ms (back-to-back calls; host launch cost included)"),
-                 ("vs best dense", "min(dense NCHW, dense channels-last) ms / provider ms")]
-        write_markdown(path, {"title": f"bench_conv: {info['device']}", "items": items}, text)
-        print(f"[bench_conv] wrote {path}")
-    return 1 if any(r["status"] != "ok" for r in rows) else 0
+    args.batch = args.batch or (32 if device.type == "cuda" else 1)
+    timer = H.Timer(device, cuda="model", repeats=args.repeats)
+    env = H.Environment(device, [("dtype", args.dtype), ("batch", args.batch), ("timing", timer.description),
+                                 ("vs best dense", "min(dense NCHW, dense channels-last) ms / provider ms"),
+                                 ("rel err", f"vs float32 F.conv2d on the masked weight; WRONG above {args.tol:g}")])
+    print(f"[bench_conv] {env.banner()}", flush=True)
+    results = H.Results(H.results_path(device, "-conv", args.out, args.smoke), f"bench_conv: {env.info['device']}", env)
+    table = H.ProviderTable(tol=args.tol, ms_head=timer.ms_head, ratio_head="vs best dense")
+
+    def say(rows):
+        for r in rows:
+            print(f"[bench_conv] {table.line(r)}", flush=True)
+        results.progress(table.markdown, table.rows)
+
+    # On CPU under the interpreter the Triton kernels must be forced (the dense and CSR paths do not care).
+    with runtime.force_triton() if timer.meaningless else contextlib.nullcontext():
+        run(args, device, DTYPES[args.dtype], table, timer, say)
+    results.finish("bench_conv", table.markdown(), table.rows, table.summary())
+    return 1 if any(r["status"] != "ok" for r in table.rows) else 0
 
 
 if __name__ == "__main__":

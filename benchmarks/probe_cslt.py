@@ -22,9 +22,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness as H  # noqa: E402
 
 SHAPES = [(16, 4096, 4096), (16, 4096, 14336), (2048, 4096, 4096), (8192, 4096, 4096),
           (8192, 4096, 14336), (32768, 4096, 11008)]
@@ -83,10 +87,13 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda")
     torch.manual_seed(0)
-    lines = [f"# cuSPARSELt calling conventions: {torch.cuda.get_device_name()}, {args.dtype}, torch "
-             f"{torch.__version__}, cuSPARSELt {torch.backends.cusparselt.version()}", "",
-             "| M | K->N | variant | gpu ms | wall ms | gpu ratio | wall ratio | max err |",
-             "|---|---|---|---|---|---|---|---|"]
+    env = H.Environment(dev, [("dtype", args.dtype),
+                              ("gpu ms", "triton.testing.do_bench(fn, warmup=25, rep=100), its default (mean)"),
+                              ("wall ms", "perf_counter around 50 back-to-back calls and one synchronize"),
+                              ("ratios", "dense / variant")])
+    heads = ("M", "K->N", "variant", "gpu ms", "wall ms", "gpu ratio", "wall ratio", "rel err")
+    rows = []
+    print(H.markdown_table(heads, []), flush=True)
     for m, k, n in SHAPES:
         x = torch.randn(m, k, dtype=dtype, device=dev)
         w = two_four(n, k, dtype, dev)
@@ -94,24 +101,22 @@ def main(argv=None) -> int:
         base_gpu = base_wall = None
         for name, fn in variants(x, w).items():
             try:
-                err = ((fn().float() - ref).norm() / ref.norm()).item()
+                err = H.rel_err(fn(), ref)
                 g = triton.testing.do_bench(fn, warmup=25, rep=100)
                 wl = wall_ms(fn)
             except Exception as e:   # noqa: BLE001
-                lines.append(f"| {m} | {k}->{n} | {name} | failed: {type(e).__name__}: {str(e)[:80]} | | | | |")
+                rows.append([m, f"{k}->{n}", name, f"failed: {H.short(e)}", "", "", "", ""])
                 continue
             if name == "dense":
                 base_gpu, base_wall = g, wl
-            lines.append(f"| {m} | {k}->{n} | {name} | {g:.4f} | {wl:.4f} | {base_gpu / g:.2f}x | "
-                         f"{base_wall / wl:.2f}x | {err:.1e} |")
-            print(lines[-1], flush=True)
+            rows.append([m, f"{k}->{n}", name, f"{g:.4f}", f"{wl:.4f}", H.fmt_ratio(base_gpu and base_gpu / g),
+                         H.fmt_ratio(base_wall and base_wall / wl), f"{err:.1e}"])
+            print(H.markdown_row(rows[-1]), flush=True)
         del x, w, ref
         torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
+    table = H.markdown_table(heads, rows, "rllrrrrl")
+    H.Results(args.out, f"cuSPARSELt calling conventions: {env.info['device']}", env).save(table)
+    print(H.render(f"cuSPARSELt calling conventions: {env.info['device']}", env.items(), table))
     return 0
 
 
