@@ -73,7 +73,7 @@ def parse_args(argv=None):
 def conv_view(w: torch.Tensor, stride: int, pad: int):
     """The planner's view of a conv weight (masks over the implicit-GEMM layout): the one import of
     ConvView."""
-    from sparsify.passes.analysis.choose import ConvView
+    from sparsify.passes.families.weight.views import ConvView
 
     return ConvView(w, None, {"stride": [stride] * 2, "padding": [pad] * 2, "dilation": [1, 1], "groups": 1})
 

@@ -42,7 +42,7 @@ WEIGHT_OPS: dict[Any, tuple[str, int, int, int | None]] = {
 
 @dataclasses.dataclass
 class LayerInfo:
-    """A weight layer as seen in the graph (written by the find_layers pass)."""
+    """A weight layer as seen in the graph (written by the weight family when it looks for sites)."""
 
     fqn: str
     op: str                      # "linear", "addmm", "mm", "conv2d"

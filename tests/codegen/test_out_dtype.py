@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from kernel_utils import TOLERANCE, rel_l2
 from sparsify.codegen import runtime, weight_kernels
-from sparsify.passes.analysis.choose import ConvView, LinearView
+from sparsify.passes.families.weight.views import ConvView, LinearView
 from sparsify.patterns import NM, Block, Unstructured
 
 weight_kernels.load_ops()

@@ -37,7 +37,7 @@ def test_debug_dir_dumps_code_and_dot_per_pass(tmp_path, monkeypatch):
 def test_print_after_and_timing_instruments():
     printed = []
     timing = Timing()
-    ctx_instruments = [PrintAfter({"find_layers"}, printer=printed.append), timing]
+    ctx_instruments = [PrintAfter({"find_sites"}, printer=printed.append), timing]
     gm = sparsify.capture.capture(MLP(), (mlp_input(),)).root
     ctx = sparsify.PassContext(Config(weight=Dense()), instruments=ctx_instruments,
                                calibration=[((mlp_input(),), {})])

@@ -157,7 +157,7 @@ def _unique(items) -> list:
 
 
 def layer_fqn(node: fx.Node) -> str:
-    """fqn of a weight layer: LayerInfo.fqn when find_layers ran, else derived from its weight."""
+    """fqn of a weight layer: LayerInfo.fqn where the weight family wrote one, else derived from its weight."""
     info = node.meta.get(ir.LAYER)
     if info is not None:
         return info.fqn
