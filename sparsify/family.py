@@ -68,6 +68,14 @@ class Site:
     members: tuple = ()
     info: Any = None
 
+    @classmethod
+    def at(cls, node, key: str, family: str, op: str, fqn: str | None = None, **kw) -> "Site":
+        """A site anchored at one node: its input shape from the node's first argument, its output
+        shape from the node's value metadata."""
+        first = node.args[0] if node.args else None
+        return cls(key, family, key if fqn is None else fqn, op, (node.name,),
+                   input_shape=ir.tensor_meta(first)[0], output_shape=ir.tensor_meta(node)[0], **kw)
+
     def node(self, gm, i: int = 0):
         """The site's i-th node in `gm` (0: the anchor)."""
         name = self.nodes[i]
@@ -148,6 +156,11 @@ class Family:
         if self.auto:
             return True
         return any(isinstance(p, self.patterns) for p in [getattr(config, self.field)] + [p for _, p in config.overrides])
+
+    def asked(self, fqn: str, ctx) -> bool:
+        """Whether the Config gives the module `fqn` one of this family's patterns (the test a
+        family's find_sites applies, so that two families never claim one layer)."""
+        return isinstance(ctx.config.pattern_for(fqn, self.field)[0], self.patterns)
 
     def owns(self, pattern: Pattern) -> bool:
         """Whether this family plans a site whose Config pattern is `pattern`."""

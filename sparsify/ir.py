@@ -213,3 +213,37 @@ def fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
     new = shallow_module_copy(gm)
     new.graph = copy.deepcopy(gm.graph)
     return new
+
+
+# ---- what a rewrite does to a graph: the two steps every family's rewrite shares ----------------
+def add_buffers(gm: fx.GraphModule, prefix: str, tensors: dict, before: fx.Node, fqn: str) -> dict:
+    """Register `tensors` as persistent buffers `<prefix>_<name>` of `gm` and read them with get_attr
+    nodes placed before `before`; returns name -> get_attr node."""
+    nodes = {}
+    with gm.graph.inserting_before(before):
+        for name, tensor in tensors.items():
+            attr = f"{prefix}_{name}"
+            gm.register_buffer(attr, tensor, persistent=True)
+            nodes[name] = gm.graph.get_attr(attr)
+            nodes[name].meta[FQN] = fqn
+    return nodes
+
+
+def replace_with_call(gm: fx.GraphModule, node: fx.Node, target, args: tuple, provenance: Provenance,
+                      plan=None) -> fx.Node:
+    """Replace `node` by `target(*args)`: the new node takes its uses, value metadata and fqn, and
+    records `provenance` (and the plan, when given); inputs nothing reads any more are removed."""
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
+    new.meta[FQN] = node.meta.get(FQN, provenance.fqn)
+    new.meta[FROM] = provenance
+    if plan is not None:
+        new.meta[PLAN] = plan
+    inputs = node.all_input_nodes
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for n in inputs:
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)
+    return new

@@ -194,8 +194,10 @@ class SparseModule(nn.Module):
         plans = {}
         for ctx in contexts.values():
             plans.update(ctx.state.plans)
-        self.config.check_overrides_match(fqn for ctx in contexts.values() for site in ctx.state.sites.values()
-                                          for fqn in (site.fqn, *site.members))
+        # every layer and site an override could mean (a depthwise conv is a layer but no family's site)
+        named = {n.meta[ir.LAYER].fqn for gm in snapshots.values() for n in ir.layer_nodes(gm)}
+        named |= {f for ctx in contexts.values() for site in ctx.state.sites.values() for f in (site.fqn, *site.members)}
+        self.config.check_overrides_match(sorted(named))
         if self._given_plan is None:
             self.plan = Plan(plans)
         self._state = {prefix: ctx.state for prefix, ctx in contexts.items()}

@@ -1,4 +1,4 @@
-"""The per-layer report: what was done to each layer, the numbers behind it, and why."""
+"""The report: what was done to each site (a layer, a channel group, ...), the numbers behind it, and why."""
 from __future__ import annotations
 
 from .plan import Plan
@@ -13,12 +13,12 @@ def _shape(s):
 
 
 def plan_table(plan: Plan) -> str:
-    header = ("fqn", "op", "in->out", "pattern", "kernel", "sparsity", "dense ms", "sparse ms", "speedup",
-              "layer err", "status")
+    header = ("site", "family", "op", "in->out", "pattern", "kernel", "sparsity", "dense ms", "sparse ms",
+              "speedup", "layer err", "status")
     rows = []
     for lp in plan.layers.values():
         speed = lp.speedup
-        rows.append((lp.fqn, lp.op, f"{_shape(lp.input_shape)}->{_shape(lp.output_shape)}",
+        rows.append((lp.fqn, lp.family, lp.op, f"{_shape(lp.input_shape)}->{_shape(lp.output_shape)}",
                      lp.pattern.describe() if lp.status != "dense" else "Dense",
                      lp.kernel if lp.status != "dense" else "-",
                      f"{lp.sparsity:.2f}", _ms(lp.dense_ms), _ms(lp.sparse_ms),
@@ -26,7 +26,7 @@ def plan_table(plan: Plan) -> str:
                      "-" if lp.layer_error is None else f"{lp.layer_error:.2e}", lp.status))
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     widths[0] = min(widths[0], 48)
-    widths[3] = min(widths[3], 44)
+    widths[4] = min(widths[4], 44)
     line = lambda r: "  ".join(str(c)[:w].ljust(w) for c, w in zip(r, widths))
     out = [line(header), line(tuple("-" * w for w in widths))] + [line(r) for r in rows]
     out.append("")
@@ -55,12 +55,15 @@ def format_report(sm) -> str:
     sparse = sm.plan.sparse_layers()
     total_dense = sum(lp.dense_ms or 0 for lp in sm.plan.layers.values())
     total_sparse = sum((lp.sparse_ms if lp in sparse else lp.dense_ms) or 0 for lp in sm.plan.layers.values())
-    lines.append(f"layers: {len(sm.plan)}, sparse: {len(sparse)}; sum of planned layer times: dense "
+    lines.append(f"sites: {len(sm.plan)}, changed: {len(sparse)}; sum of planned site times: dense "
                  f"{total_dense:.3f} ms -> {total_sparse:.3f} ms")
     if sm.pass_seconds:
         lines.append("pass time: " + ", ".join(f"{k} {v:.2f}s" for k, v in sm.pass_seconds.items()))
     if sm.rule_counts:
         lines.append("rewrite rule matches: " + ", ".join(f"{k}={v}" for k, v in sm.rule_counts.items()))
+    for state in sm._state.values():
+        for note in state.notes:
+            lines.append(f"note: {note}")
     lines.append("")
     lines.append(plan_table(sm.plan))
     return "\n".join(lines)

@@ -193,28 +193,14 @@ class WeightFamily(Family):
 
     def rewrite(self, gm: fx.GraphModule, site, plan, prepared, ctx) -> None:
         node = site.node(gm)
-        info: ir.LayerInfo = site.info
         spec = registry.get(plan.kernel)
-        _, x_i, w_i, b_i = ir.WEIGHT_OPS[node.target]
-        prefix = buffer_prefix(plan.fqn)
-        buf_nodes = {}
-        with gm.graph.inserting_before(node):
-            for name, tensor in prepared.buffers.items():
-                attr = f"{prefix}_{name}"
-                gm.register_buffer(attr, tensor, persistent=True)
-                buf_nodes[name] = gm.graph.get_attr(attr)
-                buf_nodes[name].meta[ir.FQN] = plan.fqn
-            bias = node.args[b_i] if b_i is not None and len(node.args) > b_i else None
-            new = gm.graph.call_function(spec.overload, spec.op_args(node.args[x_i], buf_nodes, prepared.static, bias))
-        new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "tensor_meta", "nn_module_stack")})
-        new.meta[ir.FQN] = node.meta.get(ir.FQN, plan.fqn)
-        new.meta[ir.PLAN] = plan
-        new.meta[ir.FROM] = ir.Provenance("rewrite_sites", f"{info.op}->{spec.op}", node.name, plan.fqn, plan.reason)
-        weight = node.args[w_i]
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-        if not weight.users:
-            gm.graph.erase_node(weight)
+        _, x_i, _, b_i = ir.WEIGHT_OPS[node.target]
+        buffers = ir.add_buffers(gm, buffer_prefix(plan.fqn), prepared.buffers, node, plan.fqn)
+        bias = node.args[b_i] if b_i is not None and len(node.args) > b_i else None
+        args = spec.op_args(node.args[x_i], buffers, prepared.static, bias)
+        ir.replace_with_call(gm, node, spec.overload, args, plan=plan,
+                             provenance=ir.Provenance("rewrite_sites", f"{site.info.op}->{spec.op}", node.name,
+                                                      plan.fqn, plan.reason))
 
 
 register_family(WeightFamily())
