@@ -17,6 +17,8 @@ import triton.language as tl
 
 # Activation codes passed to kernels as a constexpr. Order is part of the kernel ABI: append only.
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+# The epilogue arguments that end every sparse op's schema, in this order (codegen.spec.KernelSpec).
+EPILOGUE_ARGS = ("bias", "residual", "activation", "out_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
