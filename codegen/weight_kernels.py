@@ -104,7 +104,7 @@ def _pack_sell(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed
 
 
 def _pack_cslt(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Packed:
-    from .kernels.nm_linear import pack_cslt
+    from .kernels.cslt_linear import pack_cslt
 
     return Packed({"compressed": pack_cslt(w)}, {"n_out": w.shape[0], "k_in": w.shape[1]})
 
@@ -145,18 +145,9 @@ def _pack_csr_conv(w: torch.Tensor, p: Pattern, layer: dict | None = None) -> Pa
 
 
 def _cslt_supports(p, dtype, wshape):
-    if (p.n, p.m) != (2, 4):
-        return "cuSPARSELt serves 2:4 only"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"cuSPARSELt path not used for {dtype}"
-    n, k = wshape
-    if n % 16 or k % 16:
-        return f"cuSPARSELt needs out and in features divisible by 16, got {n}x{k}"
-    try:
-        from .kernels.nm_linear import semi_structured_available
-    except ImportError:
-        return "cuSPARSELt op not available"
-    return None if semi_structured_available() else "cuSPARSELt is not available in this torch build"
+    from .kernels.cslt_linear import cslt_supports
+
+    return cslt_supports(p, dtype, wshape)
 
 
 KERNELS: dict[str, WeightKernel] = {}
@@ -224,7 +215,8 @@ def load_ops() -> None:
     """Import the kernel modules so their torch.ops.sparsify.* custom ops are registered."""
     import importlib
 
-    for mod in ("bsr_linear", "nm_linear", "csr_linear", "bsr_conv2d", "nm_conv2d", "sell_linear", "csr_conv2d"):
+    for mod in ("bsr_linear", "nm_linear", "cslt_linear", "csr_linear", "bsr_conv2d", "nm_conv2d", "sell_linear",
+                "csr_conv2d"):
         try:
             importlib.import_module(f"{__package__}.kernels.{mod}")
         except ImportError as e:

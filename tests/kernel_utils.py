@@ -37,3 +37,22 @@ def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
     y = F.conv2d(d(x), d(w), d(bias), stride, padding, dilation)
     y = activation_reference(y, activation)
     return y if residual is None else y + d(residual)
+
+
+def masked_case(spec, gen, conv_layer, linear_view, conv_view):
+    """(x, pattern, dense masked weight) of a small odd shape for a registry spec's layer kind: its first
+    pattern among Block(16, 0.5), NM(2, 4), Unstructured(0.7), masked as the planner masks it (its
+    LinearView / ConvView from passes.analysis.choose, passed in; conv_layer: the conv's parameters)."""
+    from sparsify.patterns import NM, Block, Unstructured
+
+    patterns = {Block: Block(16, 0.5), NM: NM(2, 4), Unstructured: Unstructured(0.7)}
+    pattern = next(patterns[c] for c in spec.patterns if c in patterns)
+    if spec.replaces == "conv2d":
+        w = torch.randn(24, 20, 3, 3, generator=gen)
+        x = torch.randn(2, 20, 5, 7, generator=gen)
+        view = conv_view(w, None, conv_layer)
+    else:
+        w = torch.randn(40, 48, generator=gen)
+        x = torch.randn(3, 5, 48, generator=gen)
+        view = linear_view(w, None)
+    return x, pattern, view.sparse_weight(pattern, w.abs())

@@ -6,10 +6,60 @@ import math
 import torch
 
 from sparsify.codegen.epilogue import ACTIVATIONS
+from sparsify.codegen.kernels._common import INPUT_PRECISIONS, conv_empty
 
 
 def is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def describe(t) -> str:
+    """Shape of a tensor, or the type of anything else, for error messages."""
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_tensors(**named) -> None:
+    """Every argument named here is a torch.Tensor."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_devices(x, **named) -> None:
+    """Every tensor named here is on x's device."""
+    for name, t in named.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def check_input_dtypes(x, values, allowed_dtypes) -> None:
+    """x of an allowed dtype, the packed values in x's dtype."""
+    if x.dtype not in allowed_dtypes:
+        raise TypeError(f"x dtype must be one of {allowed_dtypes}, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+
+
+def check_input_precision(input_precision) -> None:
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+
+
+def check_tiles(**tiles) -> None:
+    """Tile sizes of a tl.dot launch: powers of two >= 16 (tl.dot's minimum)."""
+    for name, b in tiles.items():
+        if not is_int(b) or b < 16 or b & (b - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+
+
+def check_dense_weight(weight, dims: int, layout: str) -> None:
+    """A weight to pack: a dense (strided) floating tensor of `dims` dimensions (layout: their names)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != dims:
+        raise ValueError(f"weight must be a {dims}-D {layout} tensor, got {describe(weight)}")
+    if weight.layout != torch.strided:
+        raise ValueError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
 
 
 def check_linear_input(x, values, n_out, k_in, allowed_dtypes) -> None:
@@ -20,15 +70,39 @@ def check_linear_input(x, values, n_out, k_in, allowed_dtypes) -> None:
         raise ValueError(f"k_in must be a non-negative int, got {k_in!r}")
     if x.dim() < 1 or x.shape[-1] != k_in:
         raise ValueError(f"x must be [..., k_in={k_in}], got {tuple(x.shape)}")
-    if x.dtype not in allowed_dtypes:
-        raise TypeError(f"x dtype must be one of {allowed_dtypes}, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    check_input_dtypes(x, values, allowed_dtypes)
 
 
-def describe(t) -> str:
-    """Shape of a tensor, or the type of anything else, for error messages."""
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+# ---- conv ---------------------------------------------------------------------------------------
+def check_groups(groups) -> None:
+    if groups != 1:
+        raise ValueError(f"groups must be 1 (block-sparse conv2d supports dense channel mixing only; "
+                         f"grouped/depthwise convs are handled by channel pruning), got groups={groups!r}")
+
+
+def check_conv_weight(weight, groups) -> None:
+    """A 4-D [O, C, kh, kw] conv weight of an ungrouped conv."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D [O, C, kh, kw] tensor, got {describe(weight)}")
+    check_groups(groups)
+
+
+def check_conv_input(x, **sizes) -> None:
+    """x a 4-D [N, C, H, W] tensor; the sizes o (and c) non-negative ints, kh and kw positive ones."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got {tuple(x.shape)}")
+    for name, v in sizes.items():
+        lowest = 0 if name in ("o", "c") else 1
+        if not is_int(v) or v < lowest:
+            raise ValueError(f"{name} must be a {'non-negative' if lowest == 0 else 'positive'} int, "
+                             f"got {v!r}")
+
+
+def conv_output(x, out_shape: tuple, out_dtype, out):
+    """A conv launch's output [N, O, Hout, Wout]: the caller's checked buffer (contiguous or
+    channels-last) or a new one in x's memory format."""
+    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
+    return conv_empty(x, out_shape, out_dtype) if out is None else out
 
 
 def resolve_out_dtype(x, out_dtype):

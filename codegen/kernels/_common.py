@@ -1,5 +1,6 @@
 """What the kernel files share: dtype tables, launch budgets, host integer helpers, conv geometry, the
-fake outputs of the sparse ops, and the choice between a kernel and its torch reference.
+fake outputs of the sparse ops, the choice between a kernel and its torch reference, the epilogue
+operands of a launch and the torch references' epilogue.
 
 triton.cdiv and triton.next_power_of_2 are @triton.jit functions: called from Python each one goes
 through JITFunction.__call__ and costs ~1.5 us (measured, triton 3.9), and a launch wrapper calls
@@ -12,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from sparsify.codegen import runtime
+from sparsify.codegen.epilogue import Epilogue, apply_reference
 
 # What every sparse kernel computes in; the torch references also take float64, the tests' ground truth.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,6 +45,38 @@ def resolve_impl(impl: str, device, choices: tuple = ("triton", "reference")) ->
     if impl not in choices:
         raise ValueError(f"impl must be 'auto' or one of {choices}, got {impl!r}")
     return impl
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """What a torch reference accumulates in: float64 for float64 inputs (the tests' ground truth),
+    else float32, as the kernels do."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def epilogue_operands(bias, residual, out: torch.Tensor) -> tuple:
+    """(bias, residual, stride_rm, stride_rn) launch arguments of the fused epilogue, the residual viewed
+    as the GEMM's [rows, cols] output: `out` is that [rows, cols] output (linear) or [N, O, Hout, Wout]
+    (conv: the residual read as [N * Hout * Wout, O], a view if channels-last, else a copy).
+    Unused pointer slots get a live tensor (out): the constexpr flags keep the kernel from reading them."""
+    bias_arg = bias.contiguous() if bias is not None else out
+    if residual is None:
+        return bias_arg, out, 0, 0
+    if out.dim() == 4:
+        res2 = residual.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    else:
+        res2 = residual.reshape(out.shape)
+    return (bias_arg, res2) + tuple(res2.stride())
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias, residual, activation: str,
+                     out_dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The linear kernels' torch reference: x @ weight^T (weight dense [n_out, k]) in `acc_dtype`, then
+    the shared torch epilogue; written into `out` when given."""
+    dtype = acc_dtype(x)
+    acc = x.to(dtype) @ weight.to(dtype).t()
+    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
+    y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
+    return y if out is None else out.copy_(y)
 
 
 # ---- conv geometry (F.conv2d's conventions) -----------------------------------------------------
@@ -91,6 +125,24 @@ def conv_out_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_empty(x: torch.Tensor, out_shape: tuple, out_dtype: torch.dtype) -> torch.Tensor:
+    """A new sparse-conv output [N, O, Hout, Wout] in x's memory format."""
+    return torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=conv_out_memory_format(x))
+
+
+def conv_epilogue_reference(acc: torch.Tensor, x: torch.Tensor, bias, residual, activation: str,
+                            out_dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The sparse convs' reference epilogue: acc [N, O, Hout, Wout] (accumulation dtype) through the
+    shared torch epilogue over channels-last [N, Hout, Wout, O], stored in x's memory format or `out`."""
+    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
+    res_nhwc = None if residual is None else residual.permute(0, 2, 3, 1)
+    y = apply_reference(acc.permute(0, 2, 3, 1), epi, bias=bias, residual=res_nhwc, out_dtype=out_dtype)
+    y = y.permute(0, 3, 1, 2)
+    if out is None:
+        return y.contiguous(memory_format=conv_out_memory_format(x))
+    return out.copy_(y)
+
+
 # ---- fake outputs (KernelSpec.out_like): the bound op arguments -> an empty output ---------------
 def linear_out_like(a: dict) -> torch.Tensor:
     """[..., n_out] in out_dtype (default x's)."""
@@ -102,8 +154,7 @@ def conv_out_like(a: dict) -> torch.Tensor:
     """[N, O, Hout, Wout] in x's memory format and out_dtype (default x's)."""
     x = a["x"]
     shape = conv_out_shape(x, a["o"], a["kh"], a["kw"], conv_pairs(a["stride"], a["padding"], a["dilation"]))
-    return torch.empty(shape, dtype=a["out_dtype"] or x.dtype, device=x.device,
-                       memory_format=conv_out_memory_format(x))
+    return conv_empty(x, shape, a["out_dtype"] or x.dtype)
 
 
 def conv_layer_static(layer: Optional[dict]) -> dict:

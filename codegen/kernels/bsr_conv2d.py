@@ -36,14 +36,16 @@ groups=1 only: grouped and depthwise convolutions are handled by channel pruning
 grouped weight ([O, C / groups, kh, kw]) is rejected with an error naming `groups`.
 
 Entry points: `pack_bsr_conv` / `unpack_bsr_conv` / `conv_weight_matrix` (host-side weight handling),
-`bsr_conv2d_triton` (Triton launch), `bsr_conv2d_reference` (torch, same signature), and
-`bsr_conv2d` (through the `sparsify::bsr_conv2d` custom op, which works under torch.compile and
-torch.export).
+`bsr_conv2d_host` with its two implementations `bsr_conv2d_triton` (Triton launch) and
+`bsr_conv2d_reference` (torch), `bsr_conv2d` (through the `sparsify::bsr_conv2d` custom op, which
+works under torch.compile and torch.export), and `SPEC`, the kernel's entry in the registry. The conv
+geometry and the reference epilogue shared by the sparse convs are in _common.py.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,19 +53,21 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.kernels._host import cdiv
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
-from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, resolve_out_dtype
+from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
+from sparsify.codegen.kernels._checks import (check_conv_input, check_conv_weight, check_devices, check_epilogue,
+                                              check_groups, check_input_dtypes, check_input_precision,
+                                              check_out, check_tensors, conv_output, resolve_out_dtype)
+from sparsify.codegen.kernels._common import (KERNEL_DTYPES, REFERENCE_DTYPES, SMEM_BUDGET, IntPair, acc_dtype,
+                                              cdiv, conv_epilogue_reference, conv_layer_static, conv_out_like,
+                                              conv_out_shape, conv_pairs, epilogue_operands, resolve_impl)
 # The conv weight is an ordinary BSR matrix; its packing and unpacking are bsr_linear's.
 from sparsify.codegen.kernels.bsr_linear import BlockGridStats, _block_grid, _check_block, _unpack
+from sparsify.codegen.spec import KernelSpec
+from sparsify.patterns import Block
+from sparsify.state import Prepared
 
 # Part of the cost-cache key: bump when the kernel's code or launch heuristics change.
 KERNEL_VERSION = "bsr_conv2d-1"
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
-
-IntPair = Union[int, Sequence[int]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,23 +104,11 @@ class BSRConvWeight(BlockGridStats):
         return self.kh * self.kw * self.c_blocks
 
 
-def _check_weight(weight, groups) -> None:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D [O, C, kh, kw] tensor, got {describe(weight)}")
-    _check_groups(groups)
-
-
-def _check_groups(groups) -> None:
-    if groups != 1:
-        raise ValueError(f"groups must be 1 (block-sparse conv2d supports dense channel mixing only; "
-                         f"grouped/depthwise convs are handled by channel pruning), got groups={groups!r}")
-
-
 def conv_weight_matrix(weight: torch.Tensor, block: int) -> torch.Tensor:
     """The GEMM view of a conv weight: [O, C, kh, kw] -> [O, kh * kw * Cp], columns ordered (kh, kw, C)
     with C zero-padded to Cp = ceil(C / block) * block. Block masks for `pack_bsr_conv` are taken over
     this matrix (e.g. `block_mask_from_scores(conv_weight_matrix(scores, b), b, density)`)."""
-    _check_weight(weight, 1)
+    check_conv_weight(weight, 1)
     _check_block(block)
     o, c, kh, kw = weight.shape
     cp = cdiv(c, block) * block
@@ -127,7 +119,7 @@ def conv_weight_matrix(weight: torch.Tensor, block: int) -> torch.Tensor:
 
 def pack_bsr_conv(weight: torch.Tensor, block: int, groups: int = 1) -> BSRConvWeight:
     """Pack a dense conv weight [O, C, kh, kw], dropping every all-zero block (a NaN counts as nonzero)."""
-    _check_weight(weight, groups)
+    check_conv_weight(weight, groups)
     _check_block(block)
     o, c, kh, kw = weight.shape
     blocks = _block_grid(conv_weight_matrix(weight.detach(), block), block)   # [nbr, nbc, b, b]
@@ -249,10 +241,6 @@ def _bsr_conv2d_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Shared memory one program may use for its load buffers: fits A100 (164 KB) and H100/H200 (227 KB).
-_SMEM_BUDGET = 160 * 1024
-
-
 def _config_for(P: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_P, num_warps, num_stages) for a launch. A hand heuristic, not tuned on a GPU yet:
     BLOCK_P follows P so a tiny feature map does not waste a 128-pixel tile; warps grow with the tile;
@@ -263,83 +251,27 @@ def _config_for(P: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
     num_warps = 2 if tile <= 512 else 4 if tile <= 8192 else 8
     elsize = dtype.itemsize
     per_stage = (block_p * block + block * block) * elsize
-    num_stages = 3 if 3 * per_stage <= _SMEM_BUDGET else 1
+    num_stages = 3 if 3 * per_stage <= SMEM_BUDGET else 1
     return block_p, num_warps, num_stages
 
 
 # ----------------------------------------------------------------------------------------------
-# Host wrapper and reference
+# Host function: checks, then the kernel or the reference
 # ----------------------------------------------------------------------------------------------
-
-def _pair(v, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a 1-/2-sequence of ints (F.conv2d's convention) as an (h, w) pair, each >= minimum."""
-    items = [v] if isinstance(v, int) and not isinstance(v, bool) else v
-    try:
-        items = list(items)
-    except TypeError:
-        items = None
-    if (items is None or len(items) not in (1, 2)
-            or any(isinstance(i, bool) or not isinstance(i, int) for i in items)):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
-    if len(items) == 1:
-        items = items * 2
-    if any(i < minimum for i in items):
-        raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
-    return items[0], items[1]
-
-
-def _out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
-def conv_pairs(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """(stride, padding, dilation) as (h, w) pairs, checked (F.conv2d's conventions)."""
-    return _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
-
-
-def conv_out_shape(x: torch.Tensor, o: int, kh: int, kw: int, pairs) -> tuple[int, int, int, int]:
-    """[N, O, Hout, Wout] of a conv of x (4-D) with a kh x kw kernel; raises where it would be empty."""
-    (stride2, padding2, dilation2), (n, _, h, w) = pairs, x.shape
-    hout = _out_size(h, kh, stride2[0], padding2[0], dilation2[0])
-    wout = _out_size(w, kw, stride2[1], padding2[1], dilation2[1])
-    if hout < 1 or wout < 1:
-        raise ValueError(f"x spatial size {(h, w)} is too small for a {kh}x{kw} kernel with "
-                         f"padding={padding2}, dilation={dilation2}: output would be {(hout, wout)}")
-    return n, o, hout, wout
-
-
-def _out_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The output keeps x's memory format: channels-last when x is (and is not also plain contiguous,
-    as with C == 1 or H == W == 1), else contiguous NCHW."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
-
 
 def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual,
                 activation, groups, kernel_dtypes: bool):
-    """Shared argument checks of the wrapper and the reference.
+    """Argument checks of both implementations.
 
     Returns (block, (stride, padding, dilation) as pairs, output shape)."""
-    _check_groups(groups)
-    for name, t in (("x", x), ("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got {tuple(x.shape)}")
+    check_groups(groups)
+    check_tensors(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx)
+    check_conv_input(x, o=o, kh=kh, kw=kw)
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"values must be [nnzb, block, block], got {tuple(values.shape)}")
     block = _check_block(values.shape[-1], "values block size (values.shape[-1])")
-    for name, v in (("o", o), ("kh", kh), ("kw", kw)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "o" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'o' else 'positive'} int, "
-                             f"got {v!r}")
-    stride2, padding2, dilation2 = pairs = conv_pairs(stride, padding, dilation)
-    allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
-    if x.dtype not in allowed:
-        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    pairs = conv_pairs(stride, padding, dilation)
+    check_input_dtypes(x, values, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if t.dtype != torch.int32 or t.dim() != 1:
             raise TypeError(f"{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
@@ -349,12 +281,10 @@ def _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilatio
                          f"{nbr + 1} for o={o}, block={block}")
     if col_idx.shape[0] != values.shape[0]:
         raise ValueError(f"col_idx has {col_idx.shape[0]} entries but values has {values.shape[0]} blocks")
-    for name, t in (("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_devices(x, values=values, row_ptr=row_ptr, col_idx=col_idx)
     out_shape = conv_out_shape(x, o, kh, kw, pairs)
     check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
-    return block, (stride2, padding2, dilation2), out_shape
+    return block, pairs, out_shape
 
 
 def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, kh: int, kw: int, check: Optional[bool]):
@@ -377,50 +307,60 @@ def _check_indices(x, row_ptr, col_idx, nnzb: int, block: int, kh: int, kw: int,
                          f"last={int(row_ptr[-1])}")
 
 
-def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                      o: int, kh: int, kw: int, stride: IntPair = 1, padding: IntPair = 0,
-                      dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
-                      residual: Optional[torch.Tensor] = None, activation: str = "none",
-                      out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                      groups: int = 1,
-                      block_p: Optional[int] = None, num_warps: Optional[int] = None,
-                      num_stages: Optional[int] = None, input_precision: str = "tf32",
-                      check_indices: Optional[bool] = None) -> torch.Tensor:
+def bsr_conv2d_host(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                    o: int, kh: int, kw: int, stride: IntPair = 1, padding: IntPair = 0,
+                    dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
+                    residual: Optional[torch.Tensor] = None, activation: str = "none",
+                    out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
+                    impl: str = "auto", groups: int = 1, block_p: Optional[int] = None,
+                    num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+                    input_precision: str = "tf32", check_indices: Optional[bool] = None) -> torch.Tensor:
     """y[N, o, Hout, Wout] = epilogue(conv2d(x[N, C, H, W], W)) with W [o, C, kh, kw] in BSR conv form
-    (`pack_bsr_conv`); launches the Triton kernel. C is x.shape[1].
+    (`pack_bsr_conv`). C is x.shape[1].
 
+    impl: "triton" (launch the kernel), "reference" (unpack W, F.conv2d in float32, float64 for
+    float64 inputs: the tests' ground truth, then the shared epilogue's torch implementation over
+    [N, Hout, Wout, O]), or "auto" (see _common.resolve_impl).
     stride / padding / dilation: an int or an (h, w) pair, as F.conv2d (numeric padding only).
-    The result has x's memory format (see `_out_memory_format`). `out`, if given, is written and
-    returned: shape (N, o, Hout, Wout), out_dtype (default x's dtype), contiguous or channels-last (the kernel stores
-    through its strides). block_p / num_warps / num_stages override `_config_for`; input_precision
-    applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products).
+    The result has x's memory format (see _common.conv_out_memory_format). `out`, if given, is written
+    and returned: shape (N, o, Hout, Wout), out_dtype (default x's dtype), contiguous or channels-last
+    (the kernel stores through its strides). block_p / num_warps / num_stages override `_config_for`;
+    input_precision applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products); the
+    reference ignores the launch arguments.
     """
-    block, (stride2, padding2, dilation2), out_shape = _check_args(
-        x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual, activation,
-        groups, kernel_dtypes=True)
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+    impl = resolve_impl(impl, x.device)
+    block, pairs, out_shape = _check_args(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation,
+                                          bias, residual, activation, groups, kernel_dtypes=impl == "triton")
+    check_input_precision(input_precision)
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, kh, kw, check_indices)
     out_dtype = resolve_out_dtype(x, out_dtype)
-    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
-    if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=_out_memory_format(x))
-    n, c, h, w = x.shape
-    _, _, hout, wout = out_shape
-    p = n * hout * wout
-    if p == 0 or o == 0:
+    if impl == "reference":
+        check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
+        dtype = acc_dtype(x)
+        weight = _unpack_conv(values, row_ptr, col_idx, o, x.shape[1], kh, kw).to(dtype)
+        acc = F.conv2d(x.to(dtype), weight, None, *pairs)
+        return conv_epilogue_reference(acc, x, bias, residual, activation, out_dtype, out)
+    out = conv_output(x, out_shape, out_dtype, out)
+    if out.numel() == 0:  # no output pixels or no output channels
         return out
+    _launch(x, values, row_ptr, col_idx, bias, residual, activation, out, block, kw, pairs, block_p, num_warps,
+            num_stages, input_precision)
+    return out
 
+
+bsr_conv2d_triton = functools.partial(bsr_conv2d_host, impl="triton")
+bsr_conv2d_reference = functools.partial(bsr_conv2d_host, impl="reference")
+
+
+def _launch(x, values, row_ptr, col_idx, bias, residual, activation, out, block, kw, pairs, block_p,
+            num_warps, num_stages, input_precision) -> None:
+    """The kernel on x [N, C, H, W] into out [N, O, Hout, Wout] (launch arguments: `bsr_conv2d_host`)."""
+    (n, c, h, w), (_, o, hout, wout) = x.shape, out.shape
+    (stride2, padding2, dilation2), p = pairs, n * hout * wout
     # NHWC for the gather: x is read in place when its channels are unit-stride (channels-last, or a
     # channel slice / crop of a channels-last tensor); anything else is copied to channels-last once.
     xc = x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
-    # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
-    bias_arg = bias.contiguous() if bias is not None else out
-    if residual is not None:
-        res2 = residual.permute(0, 2, 3, 1).reshape(p, o)       # [P, O]: a view if channels-last
-        stride_rm, stride_rn = res2.stride()
-    else:
-        res2, stride_rm, stride_rn = out, 0, 0
+    bias_arg, res2, stride_rm, stride_rn = epilogue_operands(bias, residual, out)
 
     cfg_p, cfg_warps, cfg_stages = _config_for(p, block, x.dtype)
     block_p = block_p or cfg_p
@@ -437,73 +377,6 @@ def bsr_conv2d_triton(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tens
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST_DOT=upcast,
         num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
     )
-    return out
-
-
-def bsr_conv2d_reference(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
-                         col_idx: torch.Tensor, o: int, kh: int, kw: int, stride: IntPair = 1,
-                         padding: IntPair = 0, dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
-                         residual: Optional[torch.Tensor] = None, activation: str = "none",
-                         out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                         groups: int = 1,
-                         block_p: Optional[int] = None, num_warps: Optional[int] = None,
-                         num_stages: Optional[int] = None, input_precision: str = "tf32",
-                         check_indices: Optional[bool] = None) -> torch.Tensor:
-    """Torch version of `bsr_conv2d_triton` (same signature; launch tuning arguments are ignored).
-
-    Unpacks W, convolves with F.conv2d in float32 (float64 for float64 inputs, which the tests use as
-    ground truth), then applies the shared epilogue's torch implementation over [N, Hout, Wout, O].
-    """
-    block, (stride2, padding2, dilation2), out_shape = _check_args(
-        x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual, activation,
-        groups, kernel_dtypes=False)
-    _check_indices(x, row_ptr, col_idx, values.shape[0], block, kh, kw, check_indices)
-    out_dtype = resolve_out_dtype(x, out_dtype)
-    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    weight = _unpack_conv(values, row_ptr, col_idx, o, x.shape[1], kh, kw).to(acc_dtype)
-    acc = F.conv2d(x.to(acc_dtype), weight, None, stride2, padding2, dilation2)
-    return conv_epilogue_reference(acc, x, bias, residual, activation, out_dtype, out)
-
-
-def conv_epilogue_reference(acc: torch.Tensor, x: torch.Tensor, bias, residual, activation: str,
-                            out_dtype: torch.dtype, out: Optional[torch.Tensor]) -> torch.Tensor:
-    """The sparse convs' reference epilogue: acc [N, O, Hout, Wout] (accumulation dtype) through the
-    shared torch epilogue over channels-last [N, Hout, Wout, O], stored in x's memory format or `out`."""
-    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-    res_nhwc = None if residual is None else residual.permute(0, 2, 3, 1)
-    y = apply_reference(acc.permute(0, 2, 3, 1), epi, bias=bias, residual=res_nhwc, out_dtype=out_dtype)
-    y = y.permute(0, 3, 1, 2)
-    if out is None:
-        return y.contiguous(memory_format=_out_memory_format(x))
-    return out.copy_(y)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op: what models call, so torch.compile / torch.export see one opaque node
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsify::bsr_conv2d", mutates_args=())
-def _bsr_conv2d_op(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                   o: int, kh: int, kw: int, stride: list[int], padding: list[int], dilation: list[int],
-                   bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                   activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    impl = bsr_conv2d_triton if runtime.use_triton(x.device) else bsr_conv2d_reference
-    return impl(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias, residual,
-                activation, out_dtype)
-
-
-def conv_output_like(x: torch.Tensor, o: int, kh: int, kw: int, stride, padding, dilation,
-                     out_dtype: Optional[torch.dtype]) -> torch.Tensor:
-    """An empty output of a sparse conv op: [N, O, Hout, Wout] in x's memory format (the fake impls)."""
-    return torch.empty(conv_out_shape(x, o, kh, kw, conv_pairs(stride, padding, dilation)),
-                       dtype=out_dtype or x.dtype, device=x.device, memory_format=_out_memory_format(x))
-
-
-@_bsr_conv2d_op.register_fake
-def _(x, values, row_ptr, col_idx, o, kh, kw, stride, padding, dilation, bias=None, residual=None,
-      activation="none", out_dtype=None):
-    return conv_output_like(x, o, kh, kw, stride, padding, dilation, out_dtype)
 
 
 def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] = None,
@@ -511,7 +384,7 @@ def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] =
                residual: Optional[torch.Tensor] = None, activation: str = "none",
                groups: int = 1, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(conv2d(x, W)) for a packed weight, through the `sparsify::bsr_conv2d` op."""
-    _check_groups(groups)
+    check_groups(groups)
     if x.dim() != 4 or x.shape[1] != w.c:
         raise ValueError(f"x must be [N, C={w.c}, H, W] for this weight (in_channels c={w.c}), "
                          f"got {tuple(x.shape)}")
@@ -519,3 +392,23 @@ def bsr_conv2d(x: torch.Tensor, w: BSRConvWeight, bias: Optional[torch.Tensor] =
     return torch.ops.sparsify.bsr_conv2d(x, w.values, w.row_ptr, w.col_idx, w.o, w.kh, w.kw,
                                          list(stride2), list(padding2), list(dilation2),
                                          bias, residual, activation, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The spec: what the registry finds; its op is what models call (one opaque node for torch.compile
+# and torch.export)
+# ----------------------------------------------------------------------------------------------
+
+def _pack(weight: torch.Tensor, pattern, layer: Optional[dict] = None) -> Prepared:
+    b = pack_bsr_conv(weight, pattern.block)
+    return Prepared({"values": b.values, "row_ptr": b.row_ptr, "col_idx": b.col_idx},
+                    {"o": b.o, "kh": b.kh, "kw": b.kw, **conv_layer_static(layer)})
+
+
+SPEC = KernelSpec(
+    name="bsr_conv_triton", op="sparsify::bsr_conv2d",
+    schema="(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, SymInt o, SymInt kh, SymInt kw, "
+           "SymInt[] stride, SymInt[] padding, SymInt[] dilation, Tensor? bias=None, Tensor? residual=None, "
+           "str activation='none', ScalarType? out_dtype=None) -> Tensor",
+    patterns=(Block,), replaces="conv2d", devices=("cuda",), interpretable=True,
+    impl=bsr_conv2d_host, pack=_pack, out_like=conv_out_like, version=KERNEL_VERSION)

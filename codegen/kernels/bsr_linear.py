@@ -27,11 +27,12 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
-from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_out, describe, linear_output,
-                                              resolve_out_dtype)
-from sparsify.codegen.kernels._common import (INPUT_PRECISIONS, KERNEL_DTYPES, REFERENCE_DTYPES, SMEM_BUDGET,
-                                              cdiv, linear_out_like, resolve_impl)
+from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
+from sparsify.codegen.kernels._checks import (check_devices, check_input_dtypes, check_input_precision,
+                                              check_linear_epilogue, check_out, check_tensors, describe,
+                                              linear_output, resolve_out_dtype)
+from sparsify.codegen.kernels._common import (KERNEL_DTYPES, REFERENCE_DTYPES, SMEM_BUDGET, cdiv,
+                                              epilogue_operands, linear_out_like, linear_reference, resolve_impl)
 from sparsify.codegen.spec import KernelSpec
 from sparsify.patterns import Block
 from sparsify.state import Prepared
@@ -240,9 +241,7 @@ def _config_for(M: int, block: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, out_dtype,
                 kernel_dtypes: bool):
     """Argument checks of both implementations; returns (block, K, out_dtype)."""
-    for name, t in (("x", x), ("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(x=x, values=values, row_ptr=row_ptr, col_idx=col_idx)
     if values.dim() != 3 or values.shape[1] != values.shape[2]:
         raise ValueError(f"values must be [nnzb, block, block], got {tuple(values.shape)}")
     block = _check_block(values.shape[-1], "values block size (values.shape[-1])")
@@ -250,11 +249,7 @@ def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, 
         raise ValueError(f"n_out must be a non-negative int, got {n_out!r}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the K features)")
-    allowed = KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES
-    if x.dtype not in allowed:
-        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    check_input_dtypes(x, values, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
         if t.dtype != torch.int32 or t.dim() != 1:
             raise TypeError(f"{name} must be a 1-D int32 tensor, got {t.dtype} {tuple(t.shape)}")
@@ -264,9 +259,7 @@ def _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation, 
                          f"{nbr + 1} for n_out={n_out}, block={block}")
     if col_idx.shape[0] != values.shape[0]:
         raise ValueError(f"col_idx has {col_idx.shape[0]} entries but values has {values.shape[0]} blocks")
-    for name, t in (("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_devices(x, values=values, row_ptr=row_ptr, col_idx=col_idx)
     check_linear_epilogue(x, n_out, bias, residual, activation)
     out_dtype = resolve_out_dtype(x, out_dtype)
     return block, x.shape[-1], out_dtype
@@ -307,16 +300,12 @@ def bsr_linear_host(x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor
     impl = resolve_impl(impl, x.device)
     block, k, out_dtype = _check_args(x, values, row_ptr, col_idx, n_out, bias, residual, activation,
                                       out_dtype, kernel_dtypes=impl == "triton")
-    if input_precision not in INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    check_input_precision(input_precision)
     _check_indices(x, row_ptr, col_idx, values.shape[0], block, check_indices)
     if impl == "reference":
         check_out(out, tuple(x.shape[:-1]) + (n_out,), out_dtype, x.device)
-        acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        acc = x.to(acc_dtype) @ _unpack(values, row_ptr, col_idx, n_out, k).to(acc_dtype).t()
-        epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-        y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
-        return y if out is None else out.copy_(y)
+        return linear_reference(x, _unpack(values, row_ptr, col_idx, n_out, k), bias, residual, activation,
+                                out_dtype, out)
     out, m = linear_output(x, n_out, out_dtype, out)
     if m == 0 or n_out == 0:
         return out
@@ -335,13 +324,7 @@ def _launch(x2, values, row_ptr, col_idx, bias, residual, activation, out2, bloc
     (m, k), n_out = x2.shape, out2.shape[1]
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
-    bias_arg = bias.contiguous() if bias is not None else out2
-    if residual is not None:
-        res2 = residual.reshape(m, n_out)
-        stride_rm, stride_rn = res2.stride()
-    else:
-        res2, stride_rm, stride_rn = out2, 0, 0
+    bias_arg, res2, stride_rm, stride_rn = epilogue_operands(bias, residual, out2)
     cfg_m, cfg_warps, cfg_stages = _config_for(m, block, x2.dtype)
     block_m = block_m or cfg_m
     grid = (cdiv(m, block_m), cdiv(n_out, block))

@@ -31,9 +31,10 @@ from typing import Optional
 import torch
 
 from sparsify.codegen.epilogue import Epilogue, apply_reference
-from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out,
-                                               resolve_out_dtype)
-from sparsify.codegen.kernels._common import KERNEL_DTYPES, REFERENCE_DTYPES, linear_out_like, resolve_impl
+from sparsify.codegen.kernels._checks import (check_dense_weight, check_devices, check_linear_epilogue,
+                                              check_linear_input, check_out, check_tensors, resolve_out_dtype)
+from sparsify.codegen.kernels._common import (KERNEL_DTYPES, REFERENCE_DTYPES, acc_dtype, linear_out_like,
+                                              resolve_impl)
 from sparsify.codegen.spec import KernelSpec
 from sparsify.patterns import NM, Block, Unstructured
 from sparsify.state import Prepared
@@ -44,18 +45,9 @@ KERNEL_VERSION = "csr_linear-2"
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _shape(t) -> object:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def pack_csr(weight: torch.Tensor) -> torch.Tensor:
     """A dense [N_out, K] weight as a torch sparse CSR tensor (zeros dropped; a NaN is kept)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D [N_out, K] tensor, got {_shape(weight)}")
-    if weight.layout != torch.strided:
-        raise ValueError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    check_dense_weight(weight, 2, "[N_out, K]")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return weight.detach().to_sparse_csr()
@@ -89,17 +81,13 @@ def check_csr_buffers(x, crow, col, values, rows: int, rows_name: str, why: str 
     if col.dim() != 1 or values.dim() != 1 or col.shape[0] != values.shape[0]:
         raise ValueError(f"col and values must be 1-D of the same length nnz, got {tuple(col.shape)} "
                          f"and {tuple(values.shape)}")
-    for name, t in (("crow", crow), ("col", col), ("values", values)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_devices(x, crow=crow, col=col, values=values)
 
 
 def _check_args(x, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
                 kernel_dtypes: bool) -> torch.dtype:
     """Argument checks of every implementation; returns the output dtype."""
-    for name, t in (("x", x), ("crow", crow), ("col", col), ("values", values)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(x=x, crow=crow, col=col, values=values)
     check_linear_input(x, values, n_out, k_in, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     check_csr_buffers(x, crow, col, values, n_out, "n_out")
     check_linear_epilogue(x, n_out, bias, residual, activation)
@@ -209,12 +197,17 @@ def _csr_product(x, crow, col, values, n_out: int, k_in: int, rows: int) -> torc
 
 def _dense_product(x, crow, col, values, n_out: int, k_in: int) -> torch.Tensor:
     """x @ W^T with W densified, in float32 (float64 for float64 x)."""
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(x)
+    return x.reshape(-1, k_in).to(dtype) @ _dense_weight(crow, col, values, n_out, k_in, dtype).t()
+
+
+def _dense_weight(crow, col, values, rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [rows, k] from its CSR parts (duplicate entries add up, as in the matmul)."""
     counts = (crow[1:] - crow[:-1]).long()
-    row_of = torch.repeat_interleave(torch.arange(n_out, device=x.device), counts)
-    w = torch.zeros(n_out, k_in, dtype=acc_dtype, device=x.device)
-    w.index_put_((row_of, col.long()), values.to(acc_dtype), accumulate=True)
-    return x.reshape(-1, k_in).to(acc_dtype) @ w.t()
+    row_of = torch.repeat_interleave(torch.arange(rows, device=crow.device), counts)
+    w = torch.zeros(rows, k, dtype=dtype, device=values.device)
+    w.index_put_((row_of, col.long()), values.to(dtype), accumulate=True)
+    return w
 
 
 def csr_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,

@@ -28,13 +28,14 @@ residual has the output's logical shape [N, O, Hout, Wout] and is read as [P, O]
 groups=1 only (grouped / depthwise convs are handled by channel pruning), rejected by name.
 
 Entry points: `nm_conv_mask` / `nm_conv_weight_matrix` / `pack_nm_conv` / `unpack_nm_conv` (host-side
-weight handling), `nm_conv2d_triton` (Triton launch), `nm_conv2d_reference` (torch, same signature),
-and `nm_conv2d` (through the `sparsify::nm_conv2d` custom op, which works under torch.compile and
-torch.export).
+weight handling), `nm_conv2d_host` with its two implementations `nm_conv2d_triton` (Triton launch) and
+`nm_conv2d_reference` (torch), `nm_conv2d` (through the `sparsify::nm_conv2d` custom op, which works
+under torch.compile and torch.export), and `SPEC`, the kernel's entry in the registry.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -44,20 +45,23 @@ import triton.language as tl
 
 from sparsify.codegen import runtime
 from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
-from sparsify.codegen.kernels._host import cdiv
-from sparsify.codegen.kernels._checks import check_epilogue, check_out, describe, is_int, resolve_out_dtype
-# Geometry, memory-format and groups rules are the block-sparse conv's; the weight format is nm_linear's.
-from sparsify.codegen.kernels.bsr_conv2d import (IntPair, _check_groups, _check_weight, _out_memory_format,
-                                                 conv_epilogue_reference, conv_out_shape, conv_output_like,
-                                                 conv_pairs, output_pixels)
+from sparsify.codegen.kernels._checks import (check_conv_input, check_conv_weight, check_devices, check_epilogue,
+                                              check_groups, check_input_dtypes, check_input_precision,
+                                              check_out, check_tensors, check_tiles, conv_output, describe,
+                                              resolve_out_dtype)
+from sparsify.codegen.kernels._common import (KERNEL_DTYPES, REFERENCE_DTYPES, SMEM_BUDGET, IntPair, acc_dtype,
+                                              cdiv, conv_epilogue_reference, conv_layer_static, conv_out_like,
+                                              conv_out_shape, conv_pairs, epilogue_operands, resolve_impl)
+# The implicit-GEMM pixel walk is the block-sparse conv's; the weight format is nm_linear's.
+from sparsify.codegen.kernels.bsr_conv2d import output_pixels
 from sparsify.codegen.kernels.nm_linear import (NMWeight, _check_nm, _unpack, expand_nm_tile, meta_bits,
                                                  meta_cols, nm_mask, num_groups, pack_nm)
+from sparsify.codegen.spec import KernelSpec
+from sparsify.patterns import NM
+from sparsify.state import Prepared
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
 KERNEL_VERSION = "nm_conv2d-1"
-
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +112,7 @@ def padded_channels(c: int, m: int) -> int:
 def nm_conv_weight_matrix(weight: torch.Tensor, m: int) -> torch.Tensor:
     """The GEMM view of a conv weight: [O, C, kh, kw] -> [O, kh * kw * Cp], columns ordered (kh, kw, C)
     with C zero-padded per tap to Cp = ceil(C / m) * m, so n:m groups of m columns stay inside a tap."""
-    _check_weight(weight, 1)
+    check_conv_weight(weight, 1)
     o, c, kh, kw = weight.shape
     w = F.pad(weight.permute(0, 2, 3, 1), (0, padded_channels(c, m) - c))     # [O, kh, kw, Cp]
     return w.reshape(o, kh * kw * padded_channels(c, m))
@@ -118,7 +122,7 @@ def nm_conv_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Bool [O, C, kh, kw] keeping the n largest |scores| of every m consecutive input channels of each
     (output channel, kh, kw) tap: the groups `pack_nm_conv` stores. A tap's last group, when C % m != 0,
     keeps min(n, its size)."""
-    _check_weight(scores, 1)
+    check_conv_weight(scores, 1)
     n, m = _check_nm(n, m)
     o, c, kh, kw = scores.shape
     # One nm_mask row per (o, tap): its partial last group is exactly the per-tap channel padding.
@@ -130,7 +134,7 @@ def pack_nm_conv(weight: torch.Tensor, n: int, m: int, groups: int = 1) -> NMCon
     """Compress a dense conv weight [O, C, kh, kw] that is n:m sparse over (kh, kw, C) groups (a NaN counts
     as nonzero). Raises ValueError naming the output channel, tap and channels of the first group with
     more than n nonzeros; prune with `weight * nm_conv_mask(weight, n, m)` first."""
-    _check_weight(weight, groups)
+    check_conv_weight(weight, groups)
     n, m = _check_nm(n, m)
     if not weight.dtype.is_floating_point:
         raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
@@ -250,10 +254,6 @@ def _nm_conv2d_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Shared memory one program may use for its load buffers: fits A100 (164 KB) and H100/H200 (227 KB).
-_SMEM_BUDGET = 160 * 1024
-
-
 def _config_for(P: int, O: int, C: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(BLOCK_P, BLOCK_O, BLOCK_C, num_warps, num_stages) for a launch. A hand heuristic, not tuned on a
     GPU yet: each tile side follows its extent so a tiny feature map or a narrow layer does not pay for
@@ -267,37 +267,25 @@ def _config_for(P: int, O: int, C: int, dtype: torch.dtype) -> tuple[int, int, i
     num_warps = 2 if tile <= 512 else 4 if tile <= 8192 else 8
     elsize = dtype.itemsize
     per_stage = (block_p + block_o) * block_c * elsize
-    num_stages = 3 if 3 * per_stage <= _SMEM_BUDGET else 1
+    num_stages = 3 if 3 * per_stage <= SMEM_BUDGET else 1
     return block_p, block_o, block_c, num_warps, num_stages
 
 
 # ----------------------------------------------------------------------------------------------
-# Host wrapper and reference
+# Host function: checks, then the kernel or the reference
 # ----------------------------------------------------------------------------------------------
 
 def _check_args(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, bias, residual,
                 activation, groups, out_dtype, kernel_dtypes: bool):
-    """Shared argument checks of the wrapper and the reference.
+    """Argument checks of both implementations.
 
     Returns ((stride, padding, dilation) as pairs, output shape, out_dtype)."""
-    _check_groups(groups)
-    for name, t in (("x", x), ("values", values), ("meta", meta)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D [N, C, H, W] tensor, got {tuple(x.shape)}")
-    for name, v in (("o", o), ("c", c), ("kh", kh), ("kw", kw)):
-        lowest = 0 if name in ("o", "c") else 1
-        if not is_int(v) or v < lowest:
-            raise ValueError(f"{name} must be a {'non-negative' if lowest == 0 else 'positive'} int, "
-                             f"got {v!r}")
+    check_groups(groups)
+    check_tensors(x=x, values=values, meta=meta)
+    check_conv_input(x, o=o, c=c, kh=kh, kw=kw)
     n, m = _check_nm(n, m)
-    stride2, padding2, dilation2 = pairs = conv_pairs(stride, padding, dilation)
-    allowed = _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,)
-    if x.dtype not in allowed:
-        raise TypeError(f"x dtype must be one of {allowed}, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(f"values dtype {values.dtype} does not match x dtype {x.dtype}")
+    pairs = conv_pairs(stride, padding, dilation)
+    check_input_dtypes(x, values, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     if meta.dtype != torch.uint8:
         raise TypeError(f"meta must be uint8, got {meta.dtype}")
     if x.shape[1] != c:
@@ -312,66 +300,84 @@ def _check_args(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, 
     if tuple(meta.shape) != want_meta:
         raise ValueError(f"meta must be {want_meta} for o={o}, c={c}, {kh}x{kw}, {n}:{m}, "
                          f"got {tuple(meta.shape)}")
-    for name, t in (("values", values), ("meta", meta)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_devices(x, values=values, meta=meta)
     out_shape = conv_out_shape(x, o, kh, kw, pairs)
     check_epilogue(x, o, out_shape, "the output's: N, O, Hout, Wout", bias, residual, activation)
-    return (stride2, padding2, dilation2), out_shape, resolve_out_dtype(x, out_dtype)
+    return pairs, out_shape, resolve_out_dtype(x, out_dtype)
 
 
-def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o: int, c: int, kh: int,
-                     kw: int, n: int, m: int, stride: IntPair = 1, padding: IntPair = 0,
-                     dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
-                     residual: Optional[torch.Tensor] = None, activation: str = "none",
-                     out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                     groups: int = 1, block_p: Optional[int] = None, block_o: Optional[int] = None,
-                     block_c: Optional[int] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
+def nm_conv2d_host(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o: int, c: int, kh: int,
+                   kw: int, n: int, m: int, stride: IntPair = 1, padding: IntPair = 0,
+                   dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
+                   residual: Optional[torch.Tensor] = None, activation: str = "none",
+                   out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
+                   impl: str = "auto", groups: int = 1, block_p: Optional[int] = None,
+                   block_o: Optional[int] = None, block_c: Optional[int] = None, num_warps: Optional[int] = None,
+                   num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
     """y[N, o, Hout, Wout] = epilogue(conv2d(x[N, c, H, W], W)) with W [o, c, kh, kw] n:m-compressed
-    (`pack_nm_conv`: values, meta); launches the Triton kernel.
+    (`pack_nm_conv`: values, meta).
 
+    impl: "triton" (launch the kernel), "reference" (unpack W, F.conv2d in float32, float64 for
+    float64 inputs: the tests' ground truth, then the shared epilogue's torch implementation over
+    [N, Hout, Wout, O]), or "auto" (see _common.resolve_impl).
     stride / padding / dilation: an int or an (h, w) pair, as F.conv2d (numeric padding only).
-    The result has x's memory format (see bsr_conv2d's `_out_memory_format`) and out_dtype (default
+    The result has x's memory format (see _common.conv_out_memory_format) and out_dtype (default
     x.dtype; accumulation is float32, cast at the store). `out`, if given, is written and returned:
     shape (N, o, Hout, Wout), out_dtype, contiguous or channels-last. block_p / block_o / block_c /
     num_warps / num_stages override `_config_for` (tiles: powers of two >= 16); input_precision
-    applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products).
+    applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products); the reference ignores
+    the launch arguments.
     """
-    (stride2, padding2, dilation2), out_shape, out_dtype = _check_args(
+    impl = resolve_impl(impl, x.device)
+    pairs, out_shape, out_dtype = _check_args(
         x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, bias, residual, activation, groups,
-        out_dtype, kernel_dtypes=True)
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
-    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
+        out_dtype, kernel_dtypes=impl == "triton")
+    check_input_precision(input_precision)
+    if impl == "reference":
+        check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
+        return _reference(x, values, meta, o, c, kh, kw, n, m, pairs, out_shape, bias, residual, activation,
+                          out_dtype, out)
     cfg = _config_for(out_shape[0] * out_shape[2] * out_shape[3], o, c, x.dtype)
-    bp, bo, bc = block_p or cfg[0], block_o or cfg[1], block_c or cfg[2]
-    for name, b in (("block_p", bp), ("block_o", bo), ("block_c", bc)):
-        if not is_int(b) or b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
-    if out is None:
-        out = torch.empty(out_shape, dtype=out_dtype, device=x.device, memory_format=_out_memory_format(x))
-    batch, _, h, w = x.shape
-    _, _, hout, wout = out_shape
-    p = batch * hout * wout
-    if p == 0 or o == 0:
+    tiles = block_p or cfg[0], block_o or cfg[1], block_c or cfg[2]
+    check_tiles(block_p=tiles[0], block_o=tiles[1], block_c=tiles[2])
+    out = conv_output(x, out_shape, out_dtype, out)
+    if out.numel() == 0:  # no output pixels or no output channels
         return out
     if c == 0:  # an empty reduction: the epilogue of zeros, no kernel needed
-        return out.copy_(nm_conv2d_reference(x, values, meta, o, c, kh, kw, n, m, stride2, padding2,
-                                             dilation2, bias, residual, activation, out_dtype=out_dtype))
+        return _reference(x, values, meta, o, c, kh, kw, n, m, pairs, out_shape, bias, residual, activation,
+                          out_dtype, out)
+    _launch(x, values, meta, kh, kw, n, m, bias, residual, activation, out, pairs, tiles, num_warps or cfg[3],
+            num_stages or cfg[4], input_precision)
+    return out
 
+
+nm_conv2d_triton = functools.partial(nm_conv2d_host, impl="triton")
+nm_conv2d_reference = functools.partial(nm_conv2d_host, impl="reference")
+
+
+def _reference(x, values, meta, o, c, kh, kw, n, m, pairs, out_shape, bias, residual, activation, out_dtype,
+               out):
+    dtype = acc_dtype(x)
+    if c == 0:  # an empty reduction; F.conv2d would also drop the output channels
+        acc = torch.zeros(out_shape, dtype=dtype, device=x.device)
+    else:
+        weight = _unpack_conv(values, meta, o, c, kh, kw, n, m).to(dtype)
+        acc = F.conv2d(x.to(dtype), weight, None, *pairs)
+    return conv_epilogue_reference(acc, x, bias, residual, activation, out_dtype, out)
+
+
+def _launch(x, values, meta, kh, kw, n, m, bias, residual, activation, out, pairs, tiles, num_warps,
+            num_stages, input_precision) -> None:
+    """The kernel on x [N, C, H, W] into out [N, O, Hout, Wout] (launch arguments: `nm_conv2d_host`;
+    tiles: (block_p, block_o, block_c), checked)."""
+    (batch, c, h, w), (_, o, hout, wout) = x.shape, out.shape
+    (stride2, padding2, dilation2), (bp, bo, bc), p = pairs, tiles, batch * hout * wout
     # NHWC for the gather: x is read in place when its channels are unit-stride (channels-last, or a
     # channel slice / crop of a channels-last tensor); anything else is copied to channels-last once.
     xc = x if x.stride(1) == 1 else x.contiguous(memory_format=torch.channels_last)
     values = values.contiguous()
     meta = meta.contiguous()
-    # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
-    bias_arg = bias.contiguous() if bias is not None else out
-    if residual is not None:
-        res2 = residual.permute(0, 2, 3, 1).reshape(p, o)       # [P, O]: a view if channels-last
-        stride_rm, stride_rn = res2.stride()
-    else:
-        res2, stride_rm, stride_rn = out, 0, 0
+    bias_arg, res2, stride_rm, stride_rn = epilogue_operands(bias, residual, out)
 
     bits = meta_bits(m)
     grid = (cdiv(p, bp), cdiv(o, bo))
@@ -386,55 +392,8 @@ def nm_conv2d_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS.index(activation),
         HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION="ieee" if upcast else input_precision, UPCAST_DOT=upcast,
-        num_warps=num_warps or cfg[3], num_stages=num_stages or cfg[4],
+        num_warps=num_warps, num_stages=num_stages,
     )
-    return out
-
-
-def nm_conv2d_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o: int, c: int, kh: int,
-                        kw: int, n: int, m: int, stride: IntPair = 1, padding: IntPair = 0,
-                        dilation: IntPair = 1, bias: Optional[torch.Tensor] = None,
-                        residual: Optional[torch.Tensor] = None, activation: str = "none",
-                        out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                        groups: int = 1, block_p: Optional[int] = None, block_o: Optional[int] = None,
-                        block_c: Optional[int] = None, num_warps: Optional[int] = None,
-                        num_stages: Optional[int] = None, input_precision: str = "tf32") -> torch.Tensor:
-    """Torch version of `nm_conv2d_triton` (same signature; launch tuning arguments are ignored).
-
-    Unpacks W, convolves with F.conv2d in float32 (float64 for float64 inputs, which the tests use as
-    ground truth), then applies the shared epilogue's torch implementation over [N, Hout, Wout, O].
-    """
-    (stride2, padding2, dilation2), out_shape, out_dtype = _check_args(
-        x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, bias, residual, activation, groups,
-        out_dtype, kernel_dtypes=False)
-    check_out(out, out_shape, out_dtype, x.device, channels_last_ok=True)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if c == 0:  # an empty reduction; F.conv2d would also drop the output channels
-        acc = torch.zeros(out_shape, dtype=acc_dtype, device=x.device)
-    else:
-        weight = _unpack_conv(values, meta, o, c, kh, kw, n, m).to(acc_dtype)
-        acc = F.conv2d(x.to(acc_dtype), weight, None, stride2, padding2, dilation2)
-    return conv_epilogue_reference(acc, x, bias, residual, activation, out_dtype, out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op: what models call, so torch.compile / torch.export see one opaque node
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsify::nm_conv2d", mutates_args=())
-def _nm_conv2d_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, o: int, c: int, kh: int,
-                  kw: int, n: int, m: int, stride: list[int], padding: list[int], dilation: list[int],
-                  bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                  activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    impl = nm_conv2d_triton if runtime.use_triton(x.device) else nm_conv2d_reference
-    return impl(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, bias, residual, activation,
-                out_dtype=out_dtype)
-
-
-@_nm_conv2d_op.register_fake
-def _(x, values, meta, o, c, kh, kw, n, m, stride, padding, dilation, bias=None, residual=None,
-      activation="none", out_dtype=None):
-    return conv_output_like(x, o, kh, kw, stride, padding, dilation, out_dtype)
 
 
 def nm_conv2d(x: torch.Tensor, w: NMConvWeight, bias: Optional[torch.Tensor] = None,
@@ -442,7 +401,7 @@ def nm_conv2d(x: torch.Tensor, w: NMConvWeight, bias: Optional[torch.Tensor] = N
               residual: Optional[torch.Tensor] = None, activation: str = "none",
               groups: int = 1, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """y = epilogue(conv2d(x, W)) for a packed weight, through the `sparsify::nm_conv2d` op."""
-    _check_groups(groups)
+    check_groups(groups)
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != w.c:
         raise ValueError(f"x must be [N, C={w.c}, H, W] for this weight (in_channels c={w.c}), "
                          f"got {describe(x)}")
@@ -450,3 +409,24 @@ def nm_conv2d(x: torch.Tensor, w: NMConvWeight, bias: Optional[torch.Tensor] = N
     return torch.ops.sparsify.nm_conv2d(x, w.values, w.meta, w.o, w.c, w.kh, w.kw, w.n, w.m,
                                         list(stride2), list(padding2), list(dilation2),
                                         bias, residual, activation, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The spec: what the registry finds; its op is what models call (one opaque node for torch.compile
+# and torch.export)
+# ----------------------------------------------------------------------------------------------
+
+def _pack(weight: torch.Tensor, pattern, layer: Optional[dict] = None) -> Prepared:
+    b = pack_nm_conv(weight, pattern.n, pattern.m)
+    return Prepared({"values": b.values, "meta": b.meta},
+                    {"o": b.o, "c": b.c, "kh": b.kh, "kw": b.kw, "n": pattern.n, "m": pattern.m,
+                     **conv_layer_static(layer)})
+
+
+SPEC = KernelSpec(
+    name="nm_conv_triton", op="sparsify::nm_conv2d",
+    schema="(Tensor x, Tensor values, Tensor meta, SymInt o, SymInt c, SymInt kh, SymInt kw, SymInt n, SymInt m, "
+           "SymInt[] stride, SymInt[] padding, SymInt[] dilation, Tensor? bias=None, Tensor? residual=None, "
+           "str activation='none', ScalarType? out_dtype=None) -> Tensor",
+    patterns=(NM,), replaces="conv2d", devices=("cuda",), interpretable=True,
+    impl=nm_conv2d_host, pack=_pack, out_like=conv_out_like, version=KERNEL_VERSION)

@@ -29,16 +29,17 @@ Kernels: 2:4 runs `_nm24_linear_kernel`, which reads a W tile with three plain c
 (values [BLOCK_N, BLOCK_K/2], meta bytes [BLOCK_N, BLOCK_K/8], x) and expands it with shifts and
 selects; every other n:m runs the general `_nm_linear_kernel`, which gathers per column (slower).
 
-Entry points: `nm_mask` / `pack_nm` / `unpack_nm` (host-side weight handling), `nm_linear_triton`
-(Triton launch), `nm_linear_reference` (torch, same signature), `nm_linear` (the `sparsify::nm_linear`
-custom op, works under torch.compile and torch.export). For large M on Ampere+ GPUs, cuSPARSELt's 2:4
-GEMM may beat the Triton kernel: `semi_structured_available`, `pack_cslt`, and the `sparsify::cslt_linear`
-op (`cslt_linear`) wrap it, for the cost model to time against the others.
+Entry points: `nm_mask` / `pack_nm` / `unpack_nm` (host-side weight handling), `nm_linear_host`
+with its two implementations `nm_linear_triton` (Triton launch) and `nm_linear_reference` (torch),
+`nm_linear` (through the `sparsify::nm_linear` custom op, which works under torch.compile and
+torch.export), and `SPEC`, the kernel's entry in the registry. For large M on Ampere+ GPUs,
+cuSPARSELt's 2:4 GEMM may beat the Triton kernel: cslt_linear.py wraps it, for the cost model to time
+against the others.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from typing import Optional
 
 import torch
@@ -46,17 +47,20 @@ import triton
 import triton.language as tl
 
 from sparsify.codegen import runtime
-from sparsify.codegen.kernels._host import cdiv
-from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, is_int,
-                                              linear_output, resolve_out_dtype)
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
+from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
+from sparsify.codegen.kernels._checks import (check_devices, check_input_precision, check_linear_epilogue,
+                                              check_linear_input, check_out, check_tensors, check_tiles,
+                                              describe, linear_output, resolve_out_dtype)
+from sparsify.codegen.kernels._common import (KERNEL_DTYPES, REFERENCE_DTYPES, cdiv, epilogue_operands,
+                                              linear_out_like, linear_reference, resolve_impl)
+from sparsify.codegen.spec import KernelSpec
+from sparsify.patterns import NM
+from sparsify.state import Prepared
 
 # Part of the cost-cache key: bump when the kernel's code, the layout or launch heuristics change.
 KERNEL_VERSION = "nm_linear-2"
 
 MAX_GROUP = 16
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,8 +124,7 @@ def _groups(t: torch.Tensor, m: int, fill: float) -> torch.Tensor:
 
 def _check_2d(t, name: str) -> None:
     if not isinstance(t, torch.Tensor) or t.dim() != 2:
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a 2-D [N_out, K] tensor, got {shape}")
+        raise ValueError(f"{name} must be a 2-D [N_out, K] tensor, got {describe(t)}")
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -421,21 +424,15 @@ def _permute_x_for(block_n: int, block_k: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# Host wrapper and reference
+# Host function: checks, then the kernel or the reference
 # ----------------------------------------------------------------------------------------------
-
-def _shape(t) -> object:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
 
 def _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
                 kernel_dtypes: bool):
-    """Shared argument checks of the wrapper and the reference; returns out_dtype."""
-    for name, t in (("x", x), ("values", values), ("meta", meta)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    """Argument checks of both implementations; returns out_dtype."""
+    check_tensors(x=x, values=values, meta=meta)
     n, m = _check_nm(n, m)
-    check_linear_input(x, values, n_out, k_in, _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,))
+    check_linear_input(x, values, n_out, k_in, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     if meta.dtype != torch.uint8:
         raise TypeError(f"meta must be uint8, got {meta.dtype}")
     want_values = (n_out, num_groups(k_in, m) * n)
@@ -446,60 +443,67 @@ def _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, 
     if tuple(meta.shape) != want_meta:
         raise ValueError(f"meta must be {want_meta} for n_out={n_out}, k_in={k_in}, {n}:{m}, "
                          f"got {tuple(meta.shape)}")
-    for name, t in (("values", values), ("meta", meta)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_devices(x, values=values, meta=meta)
     check_linear_epilogue(x, n_out, bias, residual, activation)
     return resolve_out_dtype(x, out_dtype)
 
 
-def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
-                     n: int, m: int, bias: Optional[torch.Tensor] = None,
-                     residual: Optional[torch.Tensor] = None, activation: str = "none",
-                     out: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None,
-                     block_m: Optional[int] = None, block_n: Optional[int] = None,
-                     block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                     num_stages: Optional[int] = None, input_precision: str = "tf32",
-                     permute_x: Optional[bool] = None) -> torch.Tensor:
-    """y[..., n_out] = epilogue(x[..., k_in] @ W^T), W n:m-compressed (values, meta); launches Triton.
+def nm_linear_host(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
+                   n: int, m: int, bias: Optional[torch.Tensor] = None,
+                   residual: Optional[torch.Tensor] = None, activation: str = "none",
+                   out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
+                   impl: str = "auto", block_m: Optional[int] = None, block_n: Optional[int] = None,
+                   block_k: Optional[int] = None, num_warps: Optional[int] = None,
+                   num_stages: Optional[int] = None, input_precision: str = "tf32",
+                   permute_x: Optional[bool] = None) -> torch.Tensor:
+    """y[..., n_out] = epilogue(x[..., k_in] @ W^T), W n:m-compressed (values, meta).
 
-    `out`, if given, is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype, which
-    defaults to x.dtype). The keyword-only tile arguments override `_config_for` (powers of two, >= 16);
+    impl: "triton" (launch the kernel), "reference" (unpack W, multiply in float32, float64 for
+    float64 inputs: the tests' ground truth), or "auto" (see _common.resolve_impl). `out`, if given,
+    is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype, which defaults to
+    x.dtype). The keyword-only tile arguments override `_config_for` (powers of two, >= 16);
     input_precision applies to fp32 inputs ("tf32" default, "ieee" for exact fp32 products).
     2:4 with block_k >= 64 runs `_nm24_linear_kernel` (permute_x picks its variant, default
     `_permute_x_for`); smaller block_k and every other n:m run the general `_nm_linear_kernel`.
+    The reference ignores the launch arguments.
     """
+    impl = resolve_impl(impl, x.device)
     out_dtype = _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
-                            kernel_dtypes=True)
-    if input_precision not in _INPUT_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {_INPUT_PRECISIONS}, got {input_precision!r}")
+                            kernel_dtypes=impl == "triton")
+    check_input_precision(input_precision)
+    if impl == "reference":
+        check_out(out, tuple(x.shape[:-1]) + (n_out,), out_dtype, x.device)
+        return linear_reference(x, _unpack(values, meta, k_in, n, m), bias, residual, activation, out_dtype,
+                                out)
     out, rows = linear_output(x, n_out, out_dtype, out)
     if rows == 0 or n_out == 0:
         return out
     if k_in == 0:  # an empty reduction: the epilogue of zeros, no kernel needed
-        return out.copy_(nm_linear_reference(x, values, meta, n_out, k_in, n, m, bias, residual,
-                                             activation, out_dtype=out_dtype))
+        return linear_reference(x, _unpack(values, meta, k_in, n, m), bias, residual, activation, out_dtype,
+                                out)
+    _launch(x.reshape(rows, k_in), values, meta, n, m, bias, residual, activation, out.view(rows, n_out),
+            block_m, block_n, block_k, num_warps, num_stages, input_precision, permute_x)
+    return out
 
-    x2 = x.reshape(rows, k_in)
-    out2 = out.view(rows, n_out)
+
+nm_linear_triton = functools.partial(nm_linear_host, impl="triton")
+nm_linear_reference = functools.partial(nm_linear_host, impl="reference")
+
+
+def _launch(x2, values, meta, n, m, bias, residual, activation, out2, block_m, block_n, block_k, num_warps,
+            num_stages, input_precision, permute_x) -> None:
+    """The kernel on x2 [rows, k_in] into out2 [rows, n_out] (launch arguments: `nm_linear_host`)."""
+    (rows, k_in), n_out = x2.shape, out2.shape[1]
     values = values.contiguous()
     meta = meta.contiguous()
-    # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
-    bias_arg = bias.contiguous() if bias is not None else out2
-    if residual is not None:
-        res2 = residual.reshape(rows, n_out)
-        stride_rm, stride_rn = res2.stride()
-    else:
-        res2, stride_rm, stride_rn = out2, 0, 0
+    bias_arg, res2, stride_rm, stride_rn = epilogue_operands(bias, residual, out2)
 
-    cfg = _config_for(rows, n_out, k_in, x.dtype, n, m)
+    cfg = _config_for(rows, n_out, k_in, x2.dtype, n, m)
     bm, bn, bk = block_m or cfg[0], block_n or cfg[1], block_k or cfg[2]
-    for name, b in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
-        if not is_int(b) or b < 16 or b & (b - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {b!r}")
+    check_tiles(block_m=bm, block_n=bn, block_k=bk)
     grid = (cdiv(rows, bm) * cdiv(n_out, bn),)
     warps, stages = num_warps or cfg[3], num_stages or cfg[4]
-    upcast = x.dtype == torch.bfloat16 and runtime.interpreter_on()
+    upcast = x2.dtype == torch.bfloat16 and runtime.interpreter_on()
     if (n, m) == (2, 4) and bk >= 64:
         # BLOCK_K < 64 goes to the general kernel: the 2:4 kernel's tiny join/split shapes there
         # (BLOCK_K/8 = 2 bytes per row) gave wrong fp32 results on an H100 (16 x 16 x 16 tile).
@@ -525,7 +529,7 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
             if "PassManager" not in str(e):
                 raise
             launch(not permute)
-        return out
+        return
     bits = meta_bits(m)
     _nm_linear_kernel[grid](
         x2, values, meta, bias_arg, res2, out2,
@@ -538,50 +542,6 @@ def nm_linear_triton(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, 
         HAS_RESIDUAL=residual is not None, INPUT_PRECISION=input_precision,
         UPCAST_DOT=upcast, num_warps=warps, num_stages=stages,
     )
-    return out
-
-
-def nm_linear_reference(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
-                        n: int, m: int, bias: Optional[torch.Tensor] = None,
-                        residual: Optional[torch.Tensor] = None, activation: str = "none",
-                        out: Optional[torch.Tensor] = None, *, out_dtype: Optional[torch.dtype] = None,
-                        block_m: Optional[int] = None, block_n: Optional[int] = None,
-                        block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                        num_stages: Optional[int] = None, input_precision: str = "tf32",
-                        permute_x: Optional[bool] = None) -> torch.Tensor:
-    """Torch version of `nm_linear_triton` (same signature; launch tuning arguments are ignored).
-
-    Unpacks W, multiplies in float32 (float64 for float64 inputs, which the tests use as ground truth),
-    then applies the shared epilogue's torch implementation.
-    """
-    out_dtype = _check_args(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype,
-                            kernel_dtypes=False)
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = _unpack(values, meta, k_in, n, m).to(acc_dtype)
-    acc = x.to(acc_dtype) @ w.t()
-    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-    y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
-    return y if out is None else out.copy_(y)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op: what models call, so torch.compile / torch.export see one opaque node
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsify::nm_linear", mutates_args=())
-def _nm_linear_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n_out: int, k_in: int,
-                  n: int, m: int, bias: Optional[torch.Tensor] = None,
-                  residual: Optional[torch.Tensor] = None, activation: str = "none",
-                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    impl = nm_linear_triton if runtime.use_triton(x.device) else nm_linear_reference
-    return impl(x, values, meta, n_out, k_in, n, m, bias, residual, activation, out_dtype=out_dtype)
-
-
-@_nm_linear_op.register_fake
-def _(x, values, meta, n_out, k_in, n, m, bias=None, residual=None, activation="none", out_dtype=None):
-    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
 
 
 def nm_linear(x: torch.Tensor, w: NMWeight, bias: Optional[torch.Tensor] = None,
@@ -592,91 +552,34 @@ def nm_linear(x: torch.Tensor, w: NMWeight, bias: Optional[torch.Tensor] = None,
                                         bias, residual, activation, out_dtype)
 
 
+# The cuSPARSELt 2:4 path has its own file, cslt_linear.py. benchmarks/bench_linear.py (being rewritten
+# elsewhere) still reads semi_structured_available / pack_cslt / cslt_linear from this module: they
+# resolve here lazily, so this module never imports cslt_linear (which imports this one).
+_CSLT_NAMES = ("semi_structured_available", "pack_cslt", "cslt_linear")
+
+
+def __getattr__(name: str):
+    if name in _CSLT_NAMES:
+        from sparsify.codegen.kernels import cslt_linear
+
+        return getattr(cslt_linear, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ----------------------------------------------------------------------------------------------
-# cuSPARSELt 2:4 (torch._cslt_sparse_mm): the vendor path, usually better at large M
+# The spec: what the registry finds; its op is what models call (one opaque node for torch.compile
+# and torch.export)
 # ----------------------------------------------------------------------------------------------
 
-_CSLT_DTYPES = (torch.float16, torch.bfloat16)
-# cuSPARSELt shape rules for fp16/bf16 (torch.sparse.SparseSemiStructuredTensorCUSPARSELT):
-# the sparse operand's sides are multiples of 16, the dense operand's of 8 (we pad the token rows).
-_CSLT_SPARSE_MULTIPLE = 16
-_CSLT_DENSE_MULTIPLE = 8
+def _pack(weight: torch.Tensor, pattern, layer: Optional[dict] = None) -> Prepared:
+    b = pack_nm(weight, pattern.n, pattern.m)
+    return Prepared({"values": b.values, "meta": b.meta},
+                    {"n_out": weight.shape[0], "k_in": weight.shape[1], "n": pattern.n, "m": pattern.m})
 
 
-def semi_structured_available(device=None) -> bool:
-    """True when torch can run cuSPARSELt 2:4 GEMMs here: a CUDA device of compute capability >= 8.0
-    and a torch build with cuSPARSELt."""
-    if not torch.cuda.is_available():
-        return False
-    cusparselt = getattr(torch.backends, "cusparselt", None)
-    if cusparselt is None or not cusparselt.is_available():
-        return False
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def pack_cslt(weight: torch.Tensor) -> torch.Tensor:
-    """Compress a 2:4-sparse [N_out, K] fp16/bf16 CUDA weight for `cslt_linear` (torch._cslt_compress).
-
-    N_out and K must be multiples of 16. Raises ValueError naming the row and group if the weight is
-    not 2:4 sparse, RuntimeError if cuSPARSELt is not available.
-    """
-    _check_2d(weight, "weight")
-    if weight.dtype not in _CSLT_DTYPES:
-        raise TypeError(f"cuSPARSELt weights must be one of {_CSLT_DTYPES}, got {weight.dtype}")
-    rows, k = weight.shape
-    if rows % _CSLT_SPARSE_MULTIPLE or k % _CSLT_SPARSE_MULTIPLE:
-        raise ValueError(f"cuSPARSELt needs both weight sides to be multiples of {_CSLT_SPARSE_MULTIPLE}, "
-                         f"got {tuple(weight.shape)}")
-    pack_nm(weight, 2, 4)  # only for its 2:4 check and error message
-    if weight.device.type != "cuda" or not semi_structured_available(weight.device):
-        raise RuntimeError(f"cuSPARSELt needs a CUDA device of compute capability >= 8.0 and a torch "
-                           f"build with cuSPARSELt; weight is on {weight.device}")
-    return torch._cslt_compress(weight.detach().contiguous())
-
-
-@torch.library.custom_op("sparsify::cslt_linear", mutates_args=())
-def _cslt_linear_op(x: torch.Tensor, compressed: torch.Tensor, n_out: int,
-                    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                    activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    if x.device.type != "cuda" or compressed.device != x.device:
-        raise RuntimeError(f"sparsify::cslt_linear: cuSPARSELt needs CUDA tensors; x is on {x.device}, "
-                           f"compressed on {compressed.device}")
-    if x.dtype not in _CSLT_DTYPES:
-        raise TypeError(f"sparsify::cslt_linear: x dtype must be one of {_CSLT_DTYPES}, got {x.dtype}")
-    if compressed.dtype != x.dtype:
-        raise TypeError(f"compressed dtype {compressed.dtype} does not match x dtype {x.dtype}")
-    check_linear_epilogue(x, n_out, bias, residual, activation)
-    out_dtype = resolve_out_dtype(x, out_dtype)
-    lead = tuple(x.shape[:-1])
-    rows, k = math.prod(lead), x.shape[-1]
-    if rows == 0:
-        return x.new_empty(lead + (n_out,), dtype=out_dtype)
-    x2 = x.reshape(rows, k)
-    pad = (-rows) % _CSLT_DENSE_MULTIPLE
-    if pad:
-        x2 = torch.nn.functional.pad(x2, (0, 0, 0, pad))
-    # cuSPARSELt computes W @ B with W the sparse operand, B = x^T [k, rows]. B is made contiguous
-    # and the [n_out, rows] result transposed back here: with torch 2.11 + cuSPARSELt 0.8 on an H100,
-    # passing the transposed view x2.t() (cuSPARSELt's op(B) = TRANSPOSE) with transpose_result=True
-    # cost 230-350 ms per call (wall clock, 4096 x 4096 weight, 16 rows), against ~1.2 ms with a
-    # contiguous B. Even that is ~50x a dense 0.023 ms GEMM: torch builds and destroys a cuSPARSELt
-    # plan on every _cslt_sparse_mm call, so this op only pays off where the GEMM itself takes
-    # milliseconds; the cost model measures it like any other kernel.
-    y = torch._cslt_sparse_mm(compressed, x2.t().contiguous()).t()[:rows]
-    if bias is not None or residual is not None or activation != "none":
-        epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-        res2 = residual.reshape(rows, n_out) if residual is not None else None
-        y = apply_reference(y.float(), epi, bias=bias, residual=res2, out_dtype=out_dtype)
-    return y.to(out_dtype).contiguous().reshape(lead + (n_out,))
-
-
-@_cslt_linear_op.register_fake
-def _(x, compressed, n_out, bias=None, residual=None, activation="none", out_dtype=None):
-    return x.new_empty(x.shape[:-1] + (n_out,), dtype=out_dtype or x.dtype)
-
-
-def cslt_linear(x: torch.Tensor, compressed: torch.Tensor, n_out: int, bias: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None, activation: str = "none",
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """y = epilogue(x @ W^T) with W from `pack_cslt`, through the `sparsify::cslt_linear` op."""
-    return torch.ops.sparsify.cslt_linear(x, compressed, n_out, bias, residual, activation, out_dtype)
+SPEC = KernelSpec(
+    name="nm_triton", op="sparsify::nm_linear",
+    schema="(Tensor x, Tensor values, Tensor meta, SymInt n_out, SymInt k_in, SymInt n, SymInt m, "
+           "Tensor? bias=None, Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
+    patterns=(NM,), replaces="linear", devices=("cuda",), interpretable=True,
+    impl=nm_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)

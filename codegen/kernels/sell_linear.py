@@ -53,29 +53,35 @@ float32 and the output is `out_dtype` (default x's dtype), cast at the store.
 Like the dense GEMM (and unlike CSR), a padding slot multiplies x[m, 0] by 0: an inf or NaN in
 column 0 of x makes the row's output NaN, as it would the dense product's.
 
-Entry points: `pack_sell` / `unpack_sell` (host-side weight handling), `sell_linear_triton` (Triton
-launch), `sell_linear_reference` (torch, same signature), `sell_linear` (the `sparsify::sell_linear`
-custom op, works under torch.compile and torch.export).
+Entry points: `pack_sell` / `unpack_sell` (host-side weight handling), `sell_linear_host` with its
+two implementations `sell_linear_triton` (Triton launch) and `sell_linear_reference` (torch),
+`sell_linear` (through the `sparsify::sell_linear` custom op, which works under torch.compile and
+torch.export), and `SPEC`, the kernel's entry in the registry.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from sparsify.codegen import runtime
-from sparsify.codegen.kernels._host import cdiv, next_power_of_2
-from sparsify.codegen.kernels._checks import (check_linear_epilogue, check_linear_input, check_out, describe,
-                                              is_int, linear_output, resolve_out_dtype)
-from sparsify.codegen.epilogue import ACTIVATIONS, Epilogue, apply_epilogue, apply_reference
+from sparsify.codegen.epilogue import ACTIVATIONS, apply_epilogue
+from sparsify.codegen.kernels._checks import (check_dense_weight, check_devices, check_linear_epilogue,
+                                              check_linear_input, check_out, check_tensors, is_int,
+                                              linear_output, resolve_out_dtype)
+from sparsify.codegen.kernels._common import (KERNEL_DTYPES, REFERENCE_DTYPES, acc_dtype, cdiv,
+                                              epilogue_operands, linear_out_like, linear_reference,
+                                              next_power_of_2, resolve_impl)
+from sparsify.codegen.spec import KernelSpec
+from sparsify.patterns import Unstructured
+from sparsify.state import Prepared
 
 # Part of the cost-cache key: bump when the kernel's code, format or launch heuristics change.
 KERNEL_VERSION = "sell_linear-1"
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int16, torch.int32)
 _SLICE_ROWS = (8, 16, 32, 64, 128)
 _INT16_MAX_K = 32767
@@ -136,12 +142,7 @@ def pack_sell(weight: torch.Tensor, slice_rows: int = DEFAULT_SLICE_ROWS, sort_w
     row order) or a positive multiple of slice_rows; default all rows (see the padding table in the
     module docstring). index_dtype: int16 (needs K <= 32767) or int32; default the smallest that fits.
     """
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be a 2-D [N_out, K] tensor, got {describe(weight)}")
-    if weight.layout != torch.strided:
-        raise ValueError(f"weight must be a dense (strided) tensor, got layout {weight.layout}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating tensor, got {weight.dtype}")
+    check_dense_weight(weight, 2, "[N_out, K]")
     s = _check_slice_rows(slice_rows)
     if sort_window is None:
         sort_window = max(cdiv(weight.shape[0], s), 1) * s
@@ -289,16 +290,14 @@ def _config_for(M: int, slice_rows: int) -> tuple[int, int, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Host wrapper and reference
+# Host function: checks, then the kernel or the reference
 # ----------------------------------------------------------------------------------------------
 
 def _check_args(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias, residual, activation,
                 out_dtype, kernel_dtypes: bool):
-    """Shared argument checks of the wrapper and the reference; returns out_dtype."""
-    for name, t in (("x", x), ("values", values), ("cols", cols), ("slice_ptr", slice_ptr), ("perm", perm)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    check_linear_input(x, values, n_out, k_in, _KERNEL_DTYPES if kernel_dtypes else _KERNEL_DTYPES + (torch.float64,))
+    """Argument checks of both implementations; returns out_dtype."""
+    check_tensors(x=x, values=values, cols=cols, slice_ptr=slice_ptr, perm=perm)
+    check_linear_input(x, values, n_out, k_in, KERNEL_DTYPES if kernel_dtypes else REFERENCE_DTYPES)
     s = _check_slice_rows(slice_rows)
     if cols.dtype not in _INDEX_DTYPES:
         raise TypeError(f"cols must be one of {_INDEX_DTYPES}, got {cols.dtype}")
@@ -311,9 +310,7 @@ def _check_args(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias,
                          f"{slice_ptr.dtype} {tuple(slice_ptr.shape)}")
     if perm.dtype != torch.int32 or tuple(perm.shape) != (n_out,):
         raise ValueError(f"perm must be int32 [n_out] = [{n_out}], got {perm.dtype} {tuple(perm.shape)}")
-    for name, t in (("values", values), ("cols", cols), ("slice_ptr", slice_ptr), ("perm", perm)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    check_devices(x, values=values, cols=cols, slice_ptr=slice_ptr, perm=perm)
     check_linear_epilogue(x, n_out, bias, residual, activation)
     return resolve_out_dtype(x, out_dtype)
 
@@ -340,29 +337,54 @@ def _check_indices(values, cols, slice_ptr, perm, n_out: int, k_in: int, slice_r
         raise ValueError(f"perm must be a permutation of range(n_out={n_out})")
 
 
-def sell_linear_triton(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
-                       perm: torch.Tensor, n_out: int, k_in: int, slice_rows: int,
-                       bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                       activation: str = "none", out_dtype: Optional[torch.dtype] = None,
-                       out: Optional[torch.Tensor] = None, *, block_m: Optional[int] = None,
-                       block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                       check_indices: Optional[bool] = None) -> torch.Tensor:
-    """y[..., n_out] = epilogue(x[..., k_in] @ W^T), W in SELL form; launches the Triton kernel.
+def sell_linear_host(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
+                     perm: torch.Tensor, n_out: int, k_in: int, slice_rows: int,
+                     bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                     activation: str = "none", out_dtype: Optional[torch.dtype] = None,
+                     out: Optional[torch.Tensor] = None, *, impl: str = "auto", block_m: Optional[int] = None,
+                     block_k: Optional[int] = None, num_warps: Optional[int] = None,
+                     check_indices: Optional[bool] = None) -> torch.Tensor:
+    """y[..., n_out] = epilogue(x[..., k_in] @ W^T), W in SELL form.
 
-    `out`, if given, is written and returned (contiguous, x.shape[:-1] + (n_out,), out_dtype, which
-    defaults to x.dtype). block_m / block_k / num_warps override `_config_for` (powers of two;
-    block_m 1..16, block_k >= 8). Accumulates in float32 and casts at the store.
+    impl: "triton" (launch the kernel, which accumulates in float32 and casts at the store),
+    "reference" (unpack W, multiply in float32, float64 for float64 inputs: the tests' ground truth),
+    or "auto" (see _common.resolve_impl). `out`, if given, is written and returned (contiguous,
+    x.shape[:-1] + (n_out,), out_dtype, which defaults to x.dtype). block_m / block_k / num_warps
+    override `_config_for` (powers of two; block_m 1..16, block_k >= 8); the reference ignores them.
     """
+    impl = resolve_impl(impl, x.device)
     out_dtype = _check_args(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias, residual,
-                            activation, out_dtype, kernel_dtypes=True)
+                            activation, out_dtype, kernel_dtypes=impl == "triton")
     _check_indices(values, cols, slice_ptr, perm, n_out, k_in, slice_rows, check_indices)
+    if impl == "reference":
+        check_out(out, tuple(x.shape[:-1]) + (n_out,), out_dtype, x.device)
+        return _reference(x, values, cols, slice_ptr, perm, slice_rows, bias, residual, activation, out_dtype,
+                          out)
     out, rows = linear_output(x, n_out, out_dtype, out)
     if rows == 0 or n_out == 0:
         return out
     if k_in == 0:  # an empty reduction: the epilogue of zeros, no kernel needed
-        return out.copy_(sell_linear_reference(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows,
-                                               bias, residual, activation, out_dtype))
+        return _reference(x, values, cols, slice_ptr, perm, slice_rows, bias, residual, activation, out_dtype,
+                          out)
+    _launch(x.reshape(rows, k_in), values, cols, slice_ptr, perm, slice_rows, bias, residual, activation,
+            out.view(rows, n_out), block_m, block_k, num_warps)
+    return out
 
+
+sell_linear_triton = functools.partial(sell_linear_host, impl="triton")
+sell_linear_reference = functools.partial(sell_linear_host, impl="reference")
+
+
+def _reference(x, values, cols, slice_ptr, perm, slice_rows, bias, residual, activation, out_dtype, out):
+    n_out, k_in = perm.shape[0], x.shape[-1]
+    w = _unpack(values, cols, slice_ptr, perm, n_out, k_in, slice_rows, acc_dtype(x))
+    return linear_reference(x, w, bias, residual, activation, out_dtype, out)
+
+
+def _launch(x2, values, cols, slice_ptr, perm, slice_rows, bias, residual, activation, out2, block_m,
+            block_k, num_warps) -> None:
+    """The kernel on x2 [rows, k_in] into out2 [rows, n_out] (launch arguments: `sell_linear_host`)."""
+    rows, n_out = out2.shape
     cfg_m, cfg_k, cfg_warps = _config_for(rows, slice_rows)
     bm, bk = block_m or cfg_m, block_k or cfg_k
     if not is_int(bm) or not 1 <= bm <= 16 or bm & (bm - 1):
@@ -370,15 +392,7 @@ def sell_linear_triton(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor
     if not is_int(bk) or bk < 8 or bk & (bk - 1):
         raise ValueError(f"block_k must be a power of two >= 8, got {bk!r}")
 
-    x2 = x.reshape(rows, k_in)
-    out2 = out.view(rows, n_out)
-    # Unused pointer slots get a live tensor: the constexpr flags keep the kernel from reading them.
-    bias_arg = bias.contiguous() if bias is not None else out2
-    if residual is not None:
-        res2 = residual.reshape(rows, n_out)
-        stride_rm, stride_rn = res2.stride()
-    else:
-        res2, stride_rm, stride_rn = out2, 0, 0
+    bias_arg, res2, stride_rm, stride_rn = epilogue_operands(bias, residual, out2)
     grid = (cdiv(n_out, slice_rows) * cdiv(rows, bm),)
     _sell_linear_kernel[grid](
         x2, values.contiguous(), cols.contiguous(), slice_ptr.contiguous(), perm.contiguous(),
@@ -390,52 +404,6 @@ def sell_linear_triton(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor
         HAS_RESIDUAL=residual is not None,
         num_warps=num_warps or cfg_warps,
     )
-    return out
-
-
-def sell_linear_reference(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
-                          perm: torch.Tensor, n_out: int, k_in: int, slice_rows: int,
-                          bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                          activation: str = "none", out_dtype: Optional[torch.dtype] = None,
-                          out: Optional[torch.Tensor] = None, *, block_m: Optional[int] = None,
-                          block_k: Optional[int] = None, num_warps: Optional[int] = None,
-                          check_indices: Optional[bool] = None) -> torch.Tensor:
-    """Torch version of `sell_linear_triton` (same signature; launch tuning arguments are ignored).
-
-    Unpacks W, multiplies in float32 (float64 for float64 inputs, which the tests use as ground truth),
-    then applies the shared epilogue's torch implementation.
-    """
-    out_dtype = _check_args(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias, residual,
-                            activation, out_dtype, kernel_dtypes=False)
-    _check_indices(values, cols, slice_ptr, perm, n_out, k_in, slice_rows, check_indices)
-    lead = tuple(x.shape[:-1])
-    check_out(out, lead + (n_out,), out_dtype, x.device)
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = _unpack(values, cols, slice_ptr, perm, n_out, k_in, slice_rows, acc_dtype)
-    acc = x.to(acc_dtype) @ w.t()
-    epi = Epilogue(has_bias=bias is not None, activation=activation, has_residual=residual is not None)
-    y = apply_reference(acc, epi, bias=bias, residual=residual, out_dtype=out_dtype)
-    return y if out is None else out.copy_(y)
-
-
-# ----------------------------------------------------------------------------------------------
-# Custom op: what models call, so torch.compile / torch.export see one opaque node
-# ----------------------------------------------------------------------------------------------
-
-@torch.library.custom_op("sparsify::sell_linear", mutates_args=())
-def _sell_linear_op(x: torch.Tensor, values: torch.Tensor, cols: torch.Tensor, slice_ptr: torch.Tensor,
-                    perm: torch.Tensor, n_out: int, k_in: int, slice_rows: int,
-                    bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                    activation: str = "none", out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    impl = sell_linear_triton if runtime.use_triton(x.device) else sell_linear_reference
-    return impl(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias, residual, activation,
-                out_dtype)
-
-
-@_sell_linear_op.register_fake
-def _(x, values, cols, slice_ptr, perm, n_out, k_in, slice_rows, bias=None, residual=None, activation="none",
-      out_dtype=None):
-    return x.new_empty(x.shape[:-1] + (n_out,), dtype=resolve_out_dtype(x, out_dtype))
 
 
 def sell_linear(x: torch.Tensor, w: SELLWeight, bias: Optional[torch.Tensor] = None,
@@ -446,3 +414,23 @@ def sell_linear(x: torch.Tensor, w: SELLWeight, bias: Optional[torch.Tensor] = N
         raise TypeError(f"w must be a SELLWeight (pack_sell), got {type(w).__name__}")
     return torch.ops.sparsify.sell_linear(x, w.values, w.cols, w.slice_ptr, w.perm, w.n_out, w.k_in,
                                           w.slice_rows, bias, residual, activation, out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The spec: what the registry finds; its op is what models call (one opaque node for torch.compile
+# and torch.export)
+# ----------------------------------------------------------------------------------------------
+
+def _pack(weight: torch.Tensor, pattern, layer: Optional[dict] = None) -> Prepared:
+    b = pack_sell(weight)
+    return Prepared({"values": b.values, "cols": b.cols, "slice_ptr": b.slice_ptr, "perm": b.perm},
+                    {"n_out": b.n_out, "k_in": b.k_in, "slice_rows": b.slice_rows})
+
+
+SPEC = KernelSpec(
+    name="sell_triton", op="sparsify::sell_linear",
+    schema="(Tensor x, Tensor values, Tensor cols, Tensor slice_ptr, Tensor perm, SymInt n_out, SymInt k_in, "
+           "SymInt slice_rows, Tensor? bias=None, Tensor? residual=None, str activation='none', "
+           "ScalarType? out_dtype=None) -> Tensor",
+    patterns=(Unstructured,), replaces="linear", devices=("cuda",), interpretable=True,
+    impl=sell_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_utils import DTYPES, TOLERANCE, conv_f64, poison, randn, rel_l2
-from sparsify.codegen import runtime, weight_kernels
+from sparsify.codegen import registry, runtime
 from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels.nm_conv2d import (
     KERNEL_VERSION, NMConvWeight, _config_for, nm_conv2d, nm_conv2d_reference, nm_conv2d_triton,
@@ -466,20 +466,20 @@ def test_fake_impl_and_opcheck(gen):
 
 
 def test_registry_offers_and_runs_it(gen, device):
-    k = weight_kernels.KERNELS["nm_conv_triton"]
-    assert k.layer_op == "conv2d" and k.triton and k.op_name == "nm_conv2d" and k.version == KERNEL_VERSION
+    k = registry.get("nm_conv_triton")
+    assert k.replaces == "conv2d" and k.interpretable and k.op == "sparsify::nm_conv2d" and k.version == KERNEL_VERSION
     w = make_weight(20, 12, 3, 3, 2, 4, gen, torch.float32, device)
     with runtime.force_triton():
-        ok, _ = weight_kernels.kernels_for(NM(2, 4), torch.device(device), torch.float32, tuple(w.shape),
-                                           "conv2d")
+        ok, _ = registry.kernels_for(NM(2, 4), torch.device(device), torch.float32, tuple(w.shape),
+                                     replaces="conv2d")
         assert k in ok
         packed = k.pack(w, NM(2, 4), {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 1)})
         x = make_x(12, gen, torch.float32, device)
         bias = randn(20, device=device, generator=gen)
         got = k.call(x, packed, bias)
     assert rel_l2(got, conv_f64(x, w, bias, (2, 1), (1, 0), 1, None, "none")) <= TOLERANCE[torch.float32]
-    assert weight_kernels.kernels_for(NM(2, 4), torch.device(device), torch.float32, tuple(w.shape),
-                                      "linear")[0].count(k) == 0
+    assert registry.kernels_for(NM(2, 4), torch.device(device), torch.float32, tuple(w.shape),
+                                replaces="linear")[0].count(k) == 0
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""N:M sparse linear: mask, packing format, Triton kernel vs float64 reference, custom op, cuSPARSELt op."""
+"""N:M sparse linear: mask, packing format, Triton kernel vs float64 reference, custom op."""
 import zlib
 
 import pytest
@@ -8,8 +8,7 @@ from kernel_utils import DTYPES, ODD_LINEAR_SHAPES, TOLERANCE, poison, randn, re
 from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels import nm_linear as nml
 from sparsify.codegen.kernels.nm_linear import (
-    NMWeight, cslt_linear, meta_cols, nm_linear, nm_linear_reference, nm_linear_triton, nm_mask,
-    pack_cslt, pack_nm, semi_structured_available, unpack_nm,
+    NMWeight, meta_cols, nm_linear, nm_linear_reference, nm_linear_triton, nm_mask, pack_nm, unpack_nm,
 )
 from sparsify.codegen.runtime import force_triton
 
@@ -267,58 +266,3 @@ def test_torch_compile_and_export(device, gen):
     targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
     assert torch.ops.sparsify.nm_linear.default in targets
     torch.testing.assert_close(exported.module()(x, residual), eager)
-
-
-# ---- cuSPARSELt ------------------------------------------------------------------------------
-
-def test_cslt_needs_cuda():
-    if not torch.cuda.is_available():
-        assert not semi_structured_available()
-    x = torch.randn(4, 32, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="cuSPARSELt needs CUDA"):
-        cslt_linear(x, torch.empty(16 * 32 // 2 * 2, dtype=torch.float16), 16)
-
-
-def test_cslt_op_exports_without_running():
-    # The fake impl is all export needs, so graphs with the op can be built on a CPU-only machine.
-    class M(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("packed", torch.empty(400, dtype=torch.float16))
-
-        def forward(self, x):
-            return torch.ops.sparsify.cslt_linear(x, self.packed, 16, None, None, "relu")
-
-    exported = torch.export.export(M(), (torch.randn(3, 32, dtype=torch.float16),))
-    nodes = [n for n in exported.graph.nodes if n.target is torch.ops.sparsify.cslt_linear.default]
-    assert len(nodes) == 1 and tuple(nodes[0].meta["val"].shape) == (3, 16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("has_bias,activation,has_residual",
-                         [(False, "none", False), (True, "gelu", False), (True, "relu", True)])
-def test_cslt_matches_reference(dtype, has_bias, activation, has_residual, gen):
-    if not semi_structured_available():
-        pytest.skip("cuSPARSELt not available on this GPU/torch build")
-    M, K, N = 37, 128, 96   # M not a multiple of 8: exercises the row padding
-    dense = randn(N, K, generator=gen)
-    w = (dense * nm_mask(dense, 2, 4)).to(device="cuda", dtype=dtype)
-    packed = pack_cslt(w)
-    x = randn(3, M, K, dtype=dtype, device="cuda", generator=gen)
-    bias, residual = _epilogue_inputs((3, M), N, dtype, "cuda", gen, has_bias, has_residual)
-    got = cslt_linear(x, packed, N, bias, residual, activation)
-    nm = pack_nm(w, 2, 4)
-    ref = nm_linear_reference(x.double(), nm.values.double(), nm.meta, N, K, 2, 4,
-                              None if bias is None else bias.double(),
-                              None if residual is None else residual.double(), activation)
-    assert got.shape == (3, M, N) and got.dtype == dtype
-    assert rel_l2(got, ref) <= TOLERANCE[dtype]
-
-
-@pytest.mark.gpu
-def test_pack_cslt_rejects_non_2to4():
-    if not semi_structured_available():
-        pytest.skip("cuSPARSELt not available on this GPU/torch build")
-    with pytest.raises(ValueError, match="not 2:4 sparse: row 0"):
-        pack_cslt(torch.randn(32, 32, dtype=torch.float16, device="cuda"))

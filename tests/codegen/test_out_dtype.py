@@ -7,39 +7,23 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from kernel_utils import TOLERANCE, rel_l2
-from sparsify.codegen import runtime, weight_kernels
+from kernel_utils import TOLERANCE, masked_case, rel_l2
+from sparsify.codegen import registry, runtime
 from sparsify.passes.families.weight.views import ConvView, LinearView
-from sparsify.patterns import NM, Block, Unstructured
 
-weight_kernels.load_ops()
-PATTERN = {Block: Block(16, 0.5), NM: NM(2, 4), Unstructured: Unstructured(0.7)}
 CONV_LAYER = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
 
 
 def _cpu_kernels():
-    for k in weight_kernels.KERNELS.values():
-        if "cpu" in k.devices or k.triton:
+    for k in registry.specs().values():
+        if "cpu" in k.devices or k.interpretable:
             yield pytest.param(k, id=k.name)
-
-
-def _pattern_for(kernel):
-    return next(PATTERN[c] for c in kernel.serves if c in PATTERN)
 
 
 def _case(kernel, gen):
     """(x, packed, dense masked weight) for a small odd shape of the kernel's layer kind."""
-    pattern = _pattern_for(kernel)
-    if kernel.layer_op == "conv2d":
-        w = torch.randn(24, 20, 3, 3, generator=gen)
-        x = torch.randn(2, 20, 5, 7, generator=gen)
-        layer, view = CONV_LAYER, ConvView(w, None, CONV_LAYER)
-    else:
-        w = torch.randn(40, 48, generator=gen)
-        x = torch.randn(3, 5, 48, generator=gen)
-        layer, view = None, LinearView(w, None)
-    w = view.sparse_weight(pattern, w.abs())
-    return x, kernel.pack(w, pattern, layer), w
+    x, pattern, w = masked_case(kernel, gen, CONV_LAYER, LinearView, ConvView)
+    return x, kernel.pack(w, pattern, CONV_LAYER if kernel.replaces == "conv2d" else None), w
 
 
 @pytest.mark.parametrize("kernel", list(_cpu_kernels()))
@@ -50,14 +34,14 @@ def test_out_dtype_is_the_stored_dtype_and_values_match(kernel, out_dtype):
     with runtime.force_triton():
         y = kernel.call(x, packed, activation="relu", out_dtype=out_dtype)
     assert y.dtype == out_dtype
-    if kernel.layer_op == "conv2d":
+    if kernel.replaces == "conv2d":
         ref = torch.nn.functional.conv2d(x.double(), w.double(), padding=1).relu()
     else:
         ref = (x.double() @ w.double().t()).relu()
     assert rel_l2(y, ref) <= TOLERANCE[out_dtype]
 
 
-@pytest.mark.parametrize("kernel", [pytest.param(k, id=k.name) for k in weight_kernels.KERNELS.values()])
+@pytest.mark.parametrize("kernel", [pytest.param(k, id=k.name) for k in registry.specs().values()])
 def test_fake_impl_reports_out_dtype(kernel):
     gen = torch.Generator().manual_seed(8)
     if kernel.name == "cslt_2to4":
@@ -66,7 +50,6 @@ def test_fake_impl_reports_out_dtype(kernel):
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fx_ = mode.from_tensor(x)
         bufs = {k: mode.from_tensor(v) for k, v in packed.buffers.items()}
-        args = kernel.op_args(fx_, bufs, packed.static, None, None, "none", packed.static["n_out"],
-                              packed.static["k_in"], torch.bfloat16)
-        y = kernel.op(*args)
+        args = kernel.op_args(fx_, bufs, packed.static, out_dtype=torch.bfloat16)
+        y = kernel.overload(*args)
     assert y.dtype == torch.bfloat16

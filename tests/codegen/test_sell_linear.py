@@ -371,11 +371,12 @@ def test_torch_compile_and_export(gen):
 
 
 def test_registered_weight_kernel(gen):
-    from sparsify.codegen.weight_kernels import KERNELS, kernels_for
+    from sparsify.codegen.registry import get, kernels_for
     from sparsify.patterns import NM, Unstructured
 
-    wk = KERNELS["sell_triton"]
-    assert wk.layer_op == "linear" and wk.triton and wk.devices == ("cuda",) and wk.version == KERNEL_VERSION
+    wk = get("sell_triton")
+    assert (wk.replaces == "linear" and wk.interpretable and wk.devices == ("cuda",) and wk.version == KERNEL_VERSION
+            and wk.op == "sparsify::sell_linear")
     cuda = torch.device("cuda")
     assert wk in kernels_for(Unstructured(sparsity=0.9), cuda, torch.float16, (64, 64))[0]
     assert wk.unsupported_reason(NM(), cuda, torch.float16, (64, 64)) is not None
