@@ -36,6 +36,22 @@ def parse_pattern(text: str):
                                      f"unstructured:S")
 
 
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+    """argparse type: a number of `kind` within [low, high] (ends open where asked), else a usage error."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n int' if kind is int else ' number'}") from None
+        if v != v or (low is not None and (v <= low if low_open else v < low)) or \
+                (high is not None and (v >= high if high_open else v > high)):
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {' and '.join(x for x in (lo, hi) if x)})")
+        return v
+    return parse
+
+
 def _time_ms(fn, device) -> float:
     from .timing import measure_ms  # the planner's timer: back-to-back calls
 
@@ -103,13 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     d.add_argument("--pattern", type=parse_pattern, default=Auto(), help="auto, dense, 2:4, block32:0.25, "
                    "unstructured:0.9 (default auto)")
-    d.add_argument("--max-error", type=float, default=0.05)
-    d.add_argument("--ffn-sparsity", type=float, default=0.9,
-                   help="block-prune the demo LM's FFN weights to this sparsity (0 = plain random weights)")
+    d.add_argument("--max-error", type=_number(float, 0), default=0.05,
+                   help="budget for the model output's relative L2 error vs dense (>= 0)")
+    d.add_argument("--ffn-sparsity", type=_number(float, 0, 1, high_open=True), default=0.9,
+                   help="block-prune the demo LM's FFN weights to this sparsity, in [0, 1) (0 = plain random weights)")
     d.add_argument("--size", choices=("auto", "small", "large"), default="auto",
                    help="model size: small (CPU-friendly), large (GPU-sized layers); auto picks by device")
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--seq", type=int, default=128)
+    d.add_argument("--batch", type=_number(int, 1), default=4, help="batch size (>= 1)")
+    d.add_argument("--seq", type=_number(int, 1, models.TinyLM.MAX_LEN), default=128,
+                   help=f"LM sequence length, 1..{models.TinyLM.MAX_LEN} (the LM's position table)")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("report", help="print the table of a saved plan (Plan.to_json)")
     r.add_argument("plan", help="path to a plan JSON file")

@@ -34,8 +34,10 @@ class TransformerBlock(nn.Module):
 class TinyLM(nn.Module):
     """A GPT-style decoder: token + position embeddings, pre-norm blocks, untied LM head."""
 
+    MAX_LEN = 256
+
     def __init__(self, vocab: int = 512, d: int = 256, layers: int = 2, heads: int = 4, ffn: int = 1024,
-                 max_len: int = 256):
+                 max_len: int = MAX_LEN):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)

@@ -280,3 +280,8 @@ class Submanifold(Pattern):
 
 def all_pattern_kinds() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def registered_patterns() -> dict[str, type]:
+    """kind -> Pattern class, built-in and registered with `register_pattern`."""
+    return dict(_REGISTRY)

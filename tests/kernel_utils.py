@@ -42,7 +42,7 @@ def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
 def masked_case(spec, gen, conv_layer, linear_view, conv_view):
     """(x, pattern, dense masked weight) of a small odd shape for a registry spec's layer kind: its first
     pattern among Block(16, 0.5), NM(2, 4), Unstructured(0.7), masked as the planner masks it (its
-    LinearView / ConvView from passes.analysis.choose, passed in; conv_layer: the conv's parameters)."""
+    LinearView / ConvView from passes.families.weight.views, passed in; conv_layer: the conv's parameters)."""
     from sparsify.patterns import NM, Block, Unstructured
 
     patterns = {Block: Block(16, 0.5), NM: NM(2, 4), Unstructured: Unstructured(0.7)}

@@ -55,7 +55,7 @@ def test_first_matching_override_wins():
 
 def test_patterns_and_config_round_trip_through_dicts():
     for kind in all_pattern_kinds():
-        cls = getattr(sparsify.patterns, kind)
+        cls = sparsify.patterns.registered_patterns()[kind]
         p = cls(k=3) if cls is TopK else cls(topk=2) if cls is BlockMask else cls()
         assert pattern_from_dict(p.to_dict()) == p
     cfg = Config(weight=Block(64, 0.1), max_error=0.01, overrides={"a.*": NM(2, 4)}, dtype="float16",

@@ -9,7 +9,7 @@ from sparsify.codegen import registry, runtime
 from sparsify.codegen.epilogue import EPILOGUE_ARGS
 from sparsify.codegen.kernels._common import linear_out_like
 from sparsify.codegen.spec import KernelSpec
-from sparsify.passes.analysis.choose import ConvView, LinearView
+from sparsify.passes.families.weight.views import ConvView, LinearView
 from sparsify.patterns import Unstructured
 from sparsify.state import Prepared
 
