@@ -64,6 +64,19 @@ def activation_reference(y: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
 
 
+def activation_inplace(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """`activation_reference` written into y itself (no second output-sized tensor)."""
+    if activation == "relu":
+        return y.relu_()
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+    if activation == "silu":
+        return torch.nn.functional.silu(y, inplace=True)
+    if activation != "none":
+        raise ValueError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
+    return y
+
+
 def apply_reference(acc: torch.Tensor, epilogue: Epilogue, bias=None, residual=None,
                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Torch version of `apply_epilogue`: acc is the matmul result in the accumulation dtype."""

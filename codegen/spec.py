@@ -41,6 +41,7 @@ class KernelSpec:
     supports: Callable[[Any, torch.dtype, tuple], str | None] | None = None  # why not, or None
     interpretable: bool = False   # a Triton kernel: also a candidate on CPU tensors under force_triton
     device_impls: dict = dataclasses.field(default_factory=dict)
+    layouts: tuple = ("row",)     # activation layouts its op takes (schema argument `layout`; _common.LAYOUTS)
 
     def __post_init__(self):
         if self.replaces not in ("linear", "conv2d"):

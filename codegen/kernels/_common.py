@@ -25,6 +25,16 @@ SMEM_BUDGET = 160 * 1024
 
 IntPair = Union[int, Sequence[int]]
 
+# Activation layouts a linear op may take and give. "row": token-major [..., K] -> [..., N], what
+# the graph has. "feature": features first, [K, M] -> [N, M], what a sparse-weight-times-dense kernel
+# computes without transposing (W @ x^T); consecutive sparse layers hand it on (assign_layouts).
+LAYOUTS = ("row", "feature")
+
+
+def check_layout(layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
@@ -145,8 +155,10 @@ def conv_epilogue_reference(acc: torch.Tensor, x: torch.Tensor, bias, residual, 
 
 # ---- fake outputs (KernelSpec.out_like): the bound op arguments -> an empty output ---------------
 def linear_out_like(a: dict) -> torch.Tensor:
-    """[..., n_out] in out_dtype (default x's)."""
+    """[..., n_out] in out_dtype (default x's); [n_out, M] for an op in the feature layout."""
     x = a["x"]
+    if a.get("layout", "row") == "feature":
+        return x.new_empty((a["n_out"], x.shape[1]), dtype=a["out_dtype"] or x.dtype)
     return x.new_empty(tuple(x.shape[:-1]) + (a["n_out"],), dtype=a["out_dtype"] or x.dtype)
 
 

@@ -35,11 +35,11 @@ def _run_and_check(x, w_dense, bias, residual, activation, crow_dtype=None):
         crow, col = crow.to(crow_dtype), col.to(crow_dtype)
     n_out, k = w_dense.shape
     out = poison(torch.empty(x.shape[:-1] + (n_out,), dtype=x.dtype, device=x.device))
-    got = csr_linear_torch(x, crow, col, values, n_out, k, bias, residual, activation, out=out)
+    got = csr_linear_torch(x, crow, col, values, n_out, k, bias=bias, residual=residual, activation=activation, out=out)
     assert got is out
     ref = csr_linear_reference(x.double(), crow, col, values.double(), n_out, k,
-                               None if bias is None else bias.double(),
-                               None if residual is None else residual.double(), activation)
+                               bias=None if bias is None else bias.double(),
+                               residual=None if residual is None else residual.double(), activation=activation)
     err = rel_l2(got, ref)
     assert err <= TOLERANCE[x.dtype], f"rel_l2 {err:.2e} > {TOLERANCE[x.dtype]:.0e}"
 
@@ -108,7 +108,7 @@ def test_all_zero_weight_and_no_tokens(device, gen):
     x = randn(4, 20, device=device, generator=gen)
     bias = randn(9, device=device, generator=gen)
     crow, col, values = _parts(pack_csr(w))
-    y = csr_linear_torch(x, crow, col, values, 9, 20, bias, None, "relu")
+    y = csr_linear_torch(x, crow, col, values, 9, 20, bias=bias, activation="relu")
     torch.testing.assert_close(y, torch.relu(bias).expand(4, 9))
     empty = csr_linear_torch(x[:0], crow, col, values, 9, 20)
     assert empty.shape == (0, 9)
@@ -162,7 +162,7 @@ class _CSRLinear(torch.nn.Module):
 
     def forward(self, x, residual):
         n_out, k = self.shape
-        return torch.ops.sparsify.csr_linear(x, self.crow, self.col, self.values, n_out, k, self.bias,
+        return torch.ops.sparsify.csr_linear(x, self.crow, self.col, self.values, n_out, k, "row", self.bias,
                                              residual, "silu")
 
 
@@ -173,7 +173,7 @@ def test_custom_op_compile_and_export(device, gen):
     residual = randn(2, 5, 24, device=device, generator=gen)
     eager = mod(x, residual)
     ref = csr_linear_reference(x.double(), mod.crow, mod.col, mod.values.double(), 24, 36,
-                               mod.bias.double(), residual.double(), "silu")
+                               bias=mod.bias.double(), residual=residual.double(), activation="silu")
     assert rel_l2(eager, ref) <= TOLERANCE[torch.float32]
     assert eager.is_contiguous()
     torch.testing.assert_close(csr_linear(x, pack_csr(w), mod.bias, residual, "silu"), eager)
@@ -186,3 +186,51 @@ def test_custom_op_compile_and_export(device, gen):
     assert torch.ops.sparsify.csr_linear.default in targets
     torch.testing.assert_close(exported.module()(x, residual), eager)
 
+
+
+# ---- the feature layout: x [K, M] -> y [N, M], what consecutive sparse layers hand each other ------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("has_bias,activation,has_residual", EPILOGUES)
+def test_feature_layout_matches_the_token_major_reference(dtype, has_bias, activation, has_residual, device, gen):
+    m, k, n = 7, 19, 13                       # odd, and n != m so a transposed result cannot pass
+    w = _sparse_weight(n, k, 0.8, dtype, device, gen)
+    crow, col, values = csr_parts(pack_csr(w))
+    crow, col = crow.int(), col.int()
+    x = randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    bias = randn(n, generator=gen).to(device=device, dtype=dtype) if has_bias else None
+    residual = randn(m, n, generator=gen).to(device=device, dtype=dtype) if has_residual else None   # token-major
+    out = poison(torch.empty(n, m, dtype=dtype, device=device))
+    got = csr_linear_torch(x.t().contiguous(), crow, col, values, n, k, "feature", bias=bias, residual=residual,
+                           activation=activation, out=out)
+    assert got is out and got.shape == (n, m)
+    ref = csr_linear_reference(x.double(), crow, col, values.double(), n, k,
+                               bias=None if bias is None else bias.double(),
+                               residual=None if residual is None else residual.double(), activation=activation)
+    assert rel_l2(got.t(), ref) <= TOLERANCE[dtype]
+    # the reference in the feature layout gives the same [N, M]
+    ref_fm = csr_linear_reference(x.double().t(), crow, col, values.double(), n, k, "feature",
+                                  bias=None if bias is None else bias.double(),
+                                  residual=None if residual is None else residual.double(), activation=activation)
+    assert torch.allclose(ref_fm, ref.t())
+
+
+def test_feature_layout_checks_its_shapes(gen):
+    w = _sparse_weight(8, 16, 0.5, torch.float32, "cpu", gen)
+    crow, col, values = csr_parts(pack_csr(w))
+    x = randn(16, 5, generator=gen)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        csr_linear_torch(x, crow, col, values, 8, 16, "column")
+    with pytest.raises(ValueError, match=r"layout='feature' takes x as \[k_in, M\]"):
+        csr_linear_torch(x[None], crow, col, values, 8, 16, "feature")
+    with pytest.raises(ValueError, match="x must be"):
+        csr_linear_torch(x.t().contiguous(), crow, col, values, 8, 16, "feature")      # [5, 16]: k_in first
+    with pytest.raises(ValueError, match="residual must have shape"):
+        csr_linear_torch(x, crow, col, values, 8, 16, "feature", residual=randn(8, 5, generator=gen))
+
+
+def test_pack_keeps_int32_indices(gen):
+    from sparsify.codegen import registry
+    from sparsify.patterns import Unstructured
+
+    p = registry.get("csr_torch").pack(_sparse_weight(8, 16, 0.5, torch.float32, "cpu", gen), Unstructured(0.5))
+    assert p.buffers["crow"].dtype == torch.int32 and p.buffers["col"].dtype == torch.int32

@@ -13,7 +13,7 @@ from sparsify.passes.families.weight.views import ConvView, LinearView
 from sparsify.patterns import Unstructured
 from sparsify.state import Prepared
 
-EXPECTED = {"bsr_triton", "csr_torch", "nm_triton", "cslt_2to4", "sell_triton", "bsr_conv_triton",
+EXPECTED = {"bsr_triton", "bsr_blocks", "csr_torch", "nm_triton", "cslt_2to4", "sell_triton", "bsr_conv_triton",
             "nm_conv_triton", "csr_conv_torch"}
 CONV_LAYER = {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 1), "groups": 1}
 SPECS = [pytest.param(s, id=name) for name, s in sorted(registry.specs().items())]
