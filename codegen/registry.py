@@ -44,6 +44,14 @@ def get(name: str) -> KernelSpec:
     return known[name]
 
 
+def spec_of(target) -> KernelSpec | None:
+    """The spec whose op a graph node calls (its OpOverload), or None."""
+    for spec in specs().values():
+        if spec.overload == target:
+            return spec
+    return None
+
+
 def check_kernel_names(names) -> None:
     """Config.kernels must name registered kernels (a typo must not silently plan nothing)."""
     from sparsify.config import ConfigError

@@ -6,11 +6,11 @@ attention / spatial ones) and the default pipeline, by phase:
   canonicalize  fold_batchnorm
   analysis      find_sites -> calibrate -> plan_sites
   rewrite       rewrite_sites -> apply_rewrite_rules
-  lower         fuse_epilogues
+  lower         fuse_epilogues -> assign_layouts
 """
 from .families.channel import family as _channel  # noqa: F401  (channel first: see families/__init__)
 from .families.weight import family as _weight  # noqa: F401
 from .families import activation, attention, spatial  # noqa: F401  (declared families)
 from .rewrite import fold_batchnorm  # noqa: F401  (registration order is pipeline order in a phase)
 from .analysis import find_sites, calibrate, plan_sites  # noqa: F401
-from .rewrite import rewrite_sites, rules, fuse_epilogue  # noqa: F401
+from .rewrite import rewrite_sites, rules, fuse_epilogue, assign_layouts  # noqa: F401

@@ -1,0 +1,40 @@
+"""assign_layouts: chains of consecutive sparse layers run feature-major, with one transpose in and out."""
+import torch
+
+import sparsify
+from sparsify import Config, Unstructured, ir
+from tests.helpers import MLP, mlp_input
+
+CSR = dict(weight=Unstructured(0.6), force=True, kernels=("csr_torch",), max_error=10.0, timing_repeats=1,
+           check_model_speed=False)
+
+
+def _sparse_ops(gm):
+    return [n for n in gm.graph.nodes if str(n.target).startswith("sparsify.")]
+
+
+def test_a_chain_runs_feature_major_with_one_transpose_each_side(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_DEBUG_DIR", str(tmp_path))
+    model, x = MLP(), mlp_input(7)
+    sm = sparsify.compile(model, (x,), Config(**CSR))
+    ops = _sparse_ops(sm.graph_module)
+    assert len(ops) == 3 and all(ir.op_arg(n, "layout")[1] == "feature" for n in ops), sm.graph_module.code
+    made = [n for n in sm.graph_module.graph.nodes if n.meta.get(ir.FROM) and n.meta[ir.FROM].pass_name == "assign_layouts"]
+    assert [str(n.target) for n in made] == ["aten.reshape.default", "aten.t.default", "aten.clone.default",
+                                             "aten.t.default", "aten.clone.default", "aten.reshape.default"]
+    row = sparsify.compile(model, (x,), Config(**CSR), pipeline=sparsify.Pipeline.default().remove("assign_layouts"))
+    assert all(ir.op_arg(n, "layout")[1] in (None, "row") for n in _sparse_ops(row.graph_module))
+    torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sm(mlp_input(3, seed=5)), row(mlp_input(3, seed=5)), rtol=1e-5, atol=1e-5)
+    assert any(p.name.endswith("_assign_layouts.py") for p in tmp_path.iterdir())
+    ep = torch.export.export(sm.graph_module, (x,), strict=False)       # still an exportable graph
+    torch.testing.assert_close(ep.module()(x), sm(x))
+
+
+def test_a_lone_sparse_layer_keeps_the_row_layout():
+    model, x = MLP(), mlp_input(7)
+    cfg = Config(**{**CSR, "weight": sparsify.Dense()}, overrides={"fc2": Unstructured(0.6)})
+    sm = sparsify.compile(model, (x,), cfg)
+    (op,) = _sparse_ops(sm.graph_module)
+    assert ir.op_arg(op, "layout")[1] == "row"
+    torch.testing.assert_close(sm(x), model(x), rtol=0.5, atol=10.0)   # runs; the error is the pruning's
