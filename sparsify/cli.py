@@ -52,14 +52,9 @@ def _number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
-def _time_ms(fn, device) -> float:
-    from .timing import measure_ms  # the planner's timer: back-to-back calls
-
-    return measure_ms(fn, device)
-
-
 def _demo_one(name, model, inputs, calib, cfg, device):
     from .api import compile
+    from .timing import compare_rounds
 
     print(f"\n### {name}", flush=True)
     t0 = time.perf_counter()
@@ -68,10 +63,11 @@ def _demo_one(name, model, inputs, calib, cfg, device):
     with torch.no_grad():
         dense_out, sparse_out = model(inputs), sm(inputs)
     err = float((sparse_out.double() - dense_out.double()).norm() / dense_out.double().norm())
-    td = _time_ms(lambda: model(inputs), device)
-    ts = _time_ms(lambda: sm(inputs), device)
+    # dense and compiled called in turn, in rounds until the ratio is steady (the planner's timer)
+    dense, compiled = compare_rounds([lambda: model(inputs), lambda: sm(inputs)], device)
     print(f"{name}: compile {time.perf_counter() - t0:.1f} s; output rel. L2 error vs dense {err:.3e}; "
-          f"forward dense {td:.3f} ms, sparse {ts:.3f} ms ({td / ts:.2f}x) on {device}")
+          f"forward dense {dense.ms:.3f} ms, compiled {compiled.ms:.3f} ms ({compiled.ratio:.2f}x, interleaved) "
+          f"on {device}")
     return err <= cfg.max_error + 1e-12
 
 

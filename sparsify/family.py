@@ -222,19 +222,23 @@ def choose(site: Site, requested: Pattern, measured: Measured, lp: LayerPlan, ct
     pick the fastest whose model-level error stays within max_error (Auto)."""
     cfg, cost = ctx.config, ctx.state.costs
     auto = isinstance(requested, Auto)
-    lp.dense_ms = cost.time(cost.key("dense", *measured.dense.key), measured.dense.run)
+    runnable = [t for t in measured.trials if t.run is not None]
+    lp.candidates.extend(t.candidate for t in measured.trials)
+    if not runnable:
+        lp.reason = _why_dense(lp, requested, cfg)
+        return
+    # dense and every candidate in the same rounds, as the graph runs them: the decision is on ratios
+    timed = cost.compare([(cost.key("dense", *measured.dense.key), measured.dense.run)]
+                         + [(cost.key(*t.key), t.run) for t in runnable], threshold=cfg.min_speedup)
+    lp.dense_ms = timed[0].ms
     sens = ctx.state.sensitivity
     feasible = []
-    for trial in measured.trials:
+    for trial, t in zip(runnable, timed[1:]):
         cand = trial.candidate
-        lp.candidates.append(cand)
-        if trial.run is None:
+        if t.ms is None:   # a kernel that fails to run is not a candidate; say why
+            cand.note = f"failed: {t.error}"
             continue
-        try:
-            cand.time_ms = cost.time(cost.key(*trial.key), trial.run)
-        except Exception as e:  # a kernel that fails to run is not a candidate; say why
-            cand.note = f"failed: {type(e).__name__}: {str(e)[:120]}"
-            continue
+        cand.time_ms, cand.speedup = t.ms, t.ratio
         # The budget is on the model output: with model sensitivity on, the pick below judges that;
         # without it the layer error is the (stricter) stand-in.
         if auto:
@@ -242,7 +246,11 @@ def choose(site: Site, requested: Pattern, measured: Measured, lp: LayerPlan, ct
             acceptable = cand.layer_error is None or cand.layer_error <= min(layer_cap, cfg.max_layer_error)
         else:
             acceptable = True
-        faster = lp.dense_ms / cand.time_ms >= cfg.min_speedup
+        faster = t.ratio >= cfg.min_speedup
+        if faster and not t.stable:
+            cand.note = (f"too noisy to decide: {t.ratio:.2f}x with the ratio varying by {100 * t.spread:.0f}% "
+                         f"from round to round (machine busy?); kept out")
+            faster = False
         if acceptable and (faster or (cfg.force and not auto)):
             feasible.append(trial)
     best = _pick(feasible, auto, ctx)
@@ -252,10 +260,11 @@ def choose(site: Site, requested: Pattern, measured: Measured, lp: LayerPlan, ct
     cand = best.candidate
     lp.pattern, lp.kernel, lp.sparsity = cand.pattern, cand.kernel, cand.sparsity
     lp.sparse_ms, lp.layer_error, lp.model_error = cand.time_ms, cand.layer_error, cand.model_error
+    lp.ratio = cand.speedup
     lp.params = dict(best.params)
-    lp.status = SPARSE if lp.dense_ms / cand.time_ms >= cfg.min_speedup else FORCED
+    lp.status = SPARSE if cand.speedup >= cfg.min_speedup and "noisy" not in cand.note else FORCED
     lp.reason = (f"{cand.pattern.describe()} via {cand.kernel}: {cand.time_ms:.4f} ms vs dense "
-                 f"{lp.dense_ms:.4f} ms ({lp.dense_ms / cand.time_ms:.2f}x)"
+                 f"{lp.dense_ms:.4f} ms ({cand.speedup:.2f}x, interleaved)"
                  + (f", layer error {cand.layer_error:.3g}" if cand.layer_error is not None else "")
                  + (f", accumulated model error {cand.model_error:.3g}" if cand.model_error is not None else "")
                  + (" — FORCED although slower than dense" if lp.status == FORCED else ""))
@@ -266,7 +275,7 @@ def _pick(feasible: list[Trial], auto: bool, ctx) -> Trial | None:
     """Fastest feasible trial whose accumulated model error stays within max_error (Auto); an explicit
     pattern takes its fastest kernel, and verification enforces the budget."""
     sens = ctx.state.sensitivity
-    for trial in sorted(feasible, key=lambda t: t.candidate.time_ms):
+    for trial in sorted(feasible, key=_rank):
         if sens is not None and trial.substitute is not None:
             trial.candidate.model_error = sens.error(trial.substitute)
             if auto and trial.candidate.model_error > ctx.config.max_error:
@@ -276,6 +285,16 @@ def _pick(feasible: list[Trial], auto: bool, ctx) -> Trial | None:
     return None
 
 
+# Speedups closer than this are a tie (round-to-round noise on a shared CPU is of this order): ties go to
+# the smaller layer error, then to the earlier candidate, so the same model plans the same way twice.
+TIE = 0.08
+
+
+def _rank(trial: Trial):
+    c = trial.candidate
+    return (-round(c.speedup / TIE), c.layer_error if c.layer_error is not None else 0.0)
+
+
 def _why_dense(lp: LayerPlan, requested: Pattern, cfg) -> str:
     tried = [c for c in lp.candidates if c.time_ms is not None]
     if not tried:
@@ -283,13 +302,15 @@ def _why_dense(lp: LayerPlan, requested: Pattern, cfg) -> str:
         notes = dict.fromkeys(c.note if c.kernel == "-" or c.note.startswith(c.kernel) else f"{c.kernel}: {c.note}"
                               for c in lp.candidates)
         return ("no kernel could run a candidate here: " + "; ".join(notes)) if lp.candidates else "no candidates"
-    fastest = min(tried, key=lambda c: c.time_ms)
+    fastest = max(tried, key=lambda c: c.speedup or 0.0)
     over = [c for c in tried if isinstance(requested, Auto) and
             ((c.layer_error or 0) > cfg.max_error or (c.model_error or 0) > cfg.max_error)]
+    noisy = [c for c in tried if "too noisy" in c.note]
     return (f"kept dense (needs >= {cfg.min_speedup}x within max_error {cfg.max_error}): fastest candidate "
             f"{fastest.pattern.describe()} via {fastest.kernel} {fastest.time_ms:.4f} ms vs dense "
-            f"{lp.dense_ms:.4f} ms"
-            + (f"; {len(over)} candidate(s) over the error budget (layer or accumulated model error)" if over else ""))
+            f"{lp.dense_ms:.4f} ms ({fastest.speedup:.2f}x)"
+            + (f"; {len(over)} candidate(s) over the error budget (layer or accumulated model error)" if over else "")
+            + (f"; {len(noisy)} candidate(s) too noisy to decide on (ratio unsteady between rounds)" if noisy else ""))
 
 
 # ---- the registry ------------------------------------------------------------------------------

@@ -292,16 +292,20 @@ class SparseModule(nn.Module):
         for speed, only for the error budget."""
         if not self.config.check_model_speed or self.config.force or not self.plan.sparse_layers() or not batches:
             return  # force means "sparse even where slower": the user asked for it
-        from .timing import compare_ms
+        from . import timing
 
         args, kwargs = batches[0]
         self._say("time the compiled model against dense end to end")
         while True:
-            dense_ms, sparse_ms = compare_ms([lambda: self._model(*args, **kwargs), lambda: cap.root(*args, **kwargs)],
-                                             self.device, self.config.timing_repeats)
+            # interleaved rounds until the ratio is steady: one noisy sample must not decide a plan
+            base, compiled = timing.compare_rounds([lambda: self._model(*args, **kwargs),
+                                                    lambda: cap.root(*args, **kwargs)],
+                                                   self.device, max(1, self.config.timing_repeats // 4))
+            dense_ms, sparse_ms = base.ms, compiled.ms
             self.plan.model_dense_ms, self.plan.model_sparse_ms = dense_ms, sparse_ms
+            self.plan.model_speedup = compiled.ratio
             sparse = [lp for lp in self.plan.sparse_layers() if lp.sparse_ms is not None]
-            if sparse_ms <= dense_ms or not sparse:
+            if compiled.ratio >= 1.0 or not sparse:
                 return
             ranked = sorted(sparse, key=_saved_ms)
             drop = ranked[:(len(ranked) + 1) // 2]

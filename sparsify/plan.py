@@ -31,6 +31,7 @@ class Candidate:
     layer_error: float | None = None       # relative L2 of the layer output vs dense
     model_error: float | None = None       # model output error with this and earlier chosen layers sparse
     time_ms: float | None = None
+    speedup: float | None = None           # dense / this, measured interleaved with dense (median of rounds)
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -65,6 +66,7 @@ class LayerPlan:
     source: str = ""                         # where the requested pattern came from (config/override)
     dense_ms: float | None = None
     sparse_ms: float | None = None
+    ratio: float | None = None               # dense / sparse measured interleaved (median of the rounds)
     layer_error: float | None = None
     model_error: float | None = None         # model output error with this layer (and earlier ones) sparse
     candidates: list = dataclasses.field(default_factory=list)
@@ -74,6 +76,8 @@ class LayerPlan:
 
     @property
     def speedup(self) -> float | None:
+        if self.ratio is not None:
+            return self.ratio
         if self.dense_ms and self.sparse_ms:
             return self.dense_ms / self.sparse_ms
         return None
@@ -110,6 +114,7 @@ class Plan:
         self.notes: list[str] = list(notes or [])
         self.model_dense_ms: float | None = None    # end-to-end times from the model-level check
         self.model_sparse_ms: float | None = None
+        self.model_speedup: float | None = None     # dense / compiled, median of interleaved rounds
 
     def __getitem__(self, fqn: str) -> LayerPlan:
         """The site planned under this key, or the site that covers layer `fqn` (a channel group)."""
@@ -139,6 +144,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "model_error": self.model_error, "notes": list(self.notes),
                 "model_dense_ms": self.model_dense_ms, "model_sparse_ms": self.model_sparse_ms,
+                "model_speedup": self.model_speedup,
                 "layers": [lp.to_dict() for lp in self.layers.values()]}
 
     @classmethod
@@ -152,6 +158,7 @@ class Plan:
         layers = [LayerPlan.from_dict(x) for x in d["layers"]]
         plan = cls({lp.fqn: lp for lp in layers}, d.get("model_error"), d.get("notes"))
         plan.model_dense_ms, plan.model_sparse_ms = d.get("model_dense_ms"), d.get("model_sparse_ms")
+        plan.model_speedup = d.get("model_speedup")
         return plan
 
     def to_json(self, path=None) -> str:

@@ -27,3 +27,24 @@ def mlp_input(batch=5, d=48, seed=1):
 def kernel_device() -> str:
     """Where forced Triton kernels run: the GPU if there is one, else the CPU interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fake_compare(ms_of, run=False):
+    """A stand-in for CostModel.compare: `ms_of(key)` gives each entry's time (the key's parts after
+    the device, torch version and timing method are the caller's: part 3 is the kernel name or
+    "dense"); ratios are against the first entry, every one stable. run=True still calls each
+    function once (a candidate's output is checked against dense before timing)."""
+    from sparsify.timing import Timed
+
+    def compare(self, entries, threshold=None):
+        if run:
+            for _, fn in entries:
+                fn()
+        ms = [ms_of(k) for k, _ in entries]
+        return [Timed(m, ms[0] / m) for m in ms]
+    return compare
+
+
+def by_kernel(table):
+    """ms_of for fake_compare from {kernel name or "dense": ms}."""
+    return lambda key: table[key.split("|")[3]]

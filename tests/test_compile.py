@@ -8,7 +8,7 @@ import sparsify
 from sparsify import Block, Config, Dense, NM, Plan, Unstructured
 from sparsify.codegen import runtime
 from sparsify.plan import FORCED, ROLLED_BACK, SPARSE
-from tests.helpers import MLP, kernel_device, mlp_input
+from tests.helpers import MLP, fake_compare, kernel_device, mlp_input
 
 FAST = dict(timing_repeats=2)
 
@@ -208,17 +208,17 @@ def test_compiled_model_slower_end_to_end_is_rolled_back(monkeypatch):
     x = mlp_input(8)
     calls = []
 
-    def fake_compare(fns, device, repeats=20):
+    def fake_end_to_end(fns, device, repeats=5):
         calls.append(fns)
         assert len(fns) == 2
-        return [1.0, 2.0]   # end to end: dense 1.0 ms, compiled 2.0 ms
+        return [cost.Timed(1.0), cost.Timed(2.0, 0.5)]   # end to end: dense 1.0 ms, compiled 2.0 ms
 
-    def fake_layer_time(self, key, fn):          # per layer: sparse 2x faster than dense
+    def fake_layer_time(key):          # per layer: sparse 2x faster than dense
         return 1.0 if key.split("|")[3] == "dense" else 0.5
 
     cfg = Config(weight=Unstructured(0.5), max_error=10.0, **FAST)
-    monkeypatch.setattr(cost, "compare_ms", fake_compare)
-    monkeypatch.setattr(cost.CostModel, "time", fake_layer_time)
+    monkeypatch.setattr(cost, "compare_rounds", fake_end_to_end)
+    monkeypatch.setattr(cost.CostModel, "compare", fake_compare(fake_layer_time))
     sm = sparsify.compile(model, (x,), cfg)
     assert len(calls) == 2, "3 sparse -> the 2 that save the least go dense -> still slower -> all dense"
     assert not sm.plan.sparse_layers()
@@ -235,19 +235,19 @@ def test_end_to_end_rollback_keeps_the_layers_that_save_the_most(monkeypatch):
 
     model = MLP()
     x = mlp_input(8)
-    end_to_end = iter([[1.0, 2.0], [1.0, 0.9]])
+    end_to_end = iter([[cost.Timed(1.0), cost.Timed(2.0, 0.5)], [cost.Timed(1.0), cost.Timed(0.9, 1 / 0.9)]])
 
-    def fake_compare(fns, device, repeats=20):
+    def fake_end_to_end(fns, device, repeats=5):
         return next(end_to_end)
 
-    def fake_layer_time(self, key, fn):    # fc1 ([96, 48] weight) saves 0.9 ms, the others 0.1 ms
+    def fake_layer_time(key):    # fc1 ([96, 48] weight) saves 0.9 ms, the others 0.1 ms
         if key.split("|")[3] == "dense":
             return 1.0
         return 0.1 if "(96, 48)" in key else 0.9
 
     cfg = Config(weight=Unstructured(0.5), max_error=10.0, **FAST)
-    monkeypatch.setattr(cost, "compare_ms", fake_compare)
-    monkeypatch.setattr(cost.CostModel, "time", fake_layer_time)
+    monkeypatch.setattr(cost, "compare_rounds", fake_end_to_end)
+    monkeypatch.setattr(cost.CostModel, "compare", fake_compare(fake_layer_time))
     sm = sparsify.compile(model, (x,), cfg)
     assert [lp.fqn for lp in sm.plan.sparse_layers()] == ["fc1"]
     for fqn in ("fc2", "out"):

@@ -84,45 +84,72 @@ def _absorb(gm: fx.GraphModule, node: fx.Node, user: fx.Node) -> None:
     gm.graph.erase_node(user)
 
 
-def _fuse_activation(gm, node) -> str | None:
-    _, act = ir.op_arg(node, "activation")
+# ---- what follows a node: each finder returns (the user to absorb, what it adds) or None -------------
+def _activation_after(node: fx.Node):
     user = _only_user(node)
-    name = _activation_of(user) if act == "none" and user is not None else None
-    if name is None:
-        return None
-    ir.set_op_arg(node, "activation", name)
-    _absorb(gm, node, user)
-    return name
+    name = _activation_of(user) if user is not None else None
+    return None if name is None else (user, name)
 
 
-def _fuse_residual(gm, node) -> str | None:
-    _, res = ir.op_arg(node, "residual")
+def _residual_after(node: fx.Node):
     user = _only_user(node)
-    if res is not None or user is None or user.target != aten.add.Tensor or len(user.args) != 2:
-        return None
-    if user.kwargs.get("alpha", 1) != 1:
+    if user is None or user.target != aten.add.Tensor or len(user.args) != 2 or user.kwargs.get("alpha", 1) != 1:
         return None
     other = user.args[1] if user.args[0] is node else user.args[0]
     if not isinstance(other, fx.Node) or other is node or not _same_shape(other, node):
         return None
-    ir.set_op_arg(node, "residual", other)
-    _absorb(gm, node, user)
+    return user, other
+
+
+def _cast_after(node: fx.Node):
+    user = _only_user(node)
+    dtype = _cast_dtype(user) if user is not None else None
+    return None if dtype is None else (user, dtype)
+
+
+def epilogue_of(node: fx.Node) -> tuple[str, fx.Node | None, torch.dtype | None]:
+    """(activation, residual operand, cast dtype) that this pass would fold into an op standing where
+    `node` stands: what the planner times a candidate with, so it is timed as the graph will run it."""
+    activation, residual, dtype, cur = "none", None, None, node
+    found = _activation_after(cur)
+    if found is not None:
+        cur, activation = found
+    found = _residual_after(cur)
+    if found is not None:
+        cur, residual = found
+    found = _cast_after(cur)
+    if found is not None:
+        dtype = found[1]
+    return activation, residual, dtype
+
+
+def _fuse_activation(gm, node) -> str | None:
+    found = _activation_after(node) if ir.op_arg(node, "activation")[1] == "none" else None
+    if found is None:
+        return None
+    ir.set_op_arg(node, "activation", found[1])
+    _absorb(gm, node, found[0])
+    return found[1]
+
+
+def _fuse_residual(gm, node) -> str | None:
+    found = _residual_after(node) if ir.op_arg(node, "residual")[1] is None else None
+    if found is None:
+        return None
+    ir.set_op_arg(node, "residual", found[1])
+    _absorb(gm, node, found[0])
     return "residual"
 
 
 def _fuse_cast(gm, node) -> str | None:
-    _, out_dtype = ir.op_arg(node, "out_dtype")
-    user = _only_user(node)
-    if out_dtype is not None or user is None:
-        return None
-    dtype = _cast_dtype(user)
-    if dtype is None:
+    found = _cast_after(node) if ir.op_arg(node, "out_dtype")[1] is None else None
+    if found is None:
         return None
     for stale in [u for u in node.users if u.target in _METADATA_ASSERTS]:
         gm.graph.erase_node(stale)
-    ir.set_op_arg(node, "out_dtype", dtype)
-    _absorb(gm, node, user)
-    return f"cast to {str(dtype).removeprefix('torch.')}"
+    ir.set_op_arg(node, "out_dtype", found[1])
+    _absorb(gm, node, found[0])
+    return f"cast to {str(found[1]).removeprefix('torch.')}"
 
 
 def _same_shape(a, b) -> bool:

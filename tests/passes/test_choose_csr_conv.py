@@ -8,6 +8,7 @@ import sparsify
 from sparsify import Config, Unstructured, ir
 from sparsify import timing as cost
 from sparsify.plan import DENSE, SPARSE
+from tests.helpers import by_kernel, fake_compare
 
 
 class _ConvNet(nn.Module):
@@ -28,14 +29,11 @@ def _x(seed=1):
 
 
 def _fake_times(table):
-    def time(self, key, fn):
-        fn()   # still run it: the candidate's output is checked against the dense conv
-        return table[key.split("|")[3]]
-    return time
+    return fake_compare(by_kernel(table), run=True)   # still run: outputs are checked against the dense conv
 
 
 def test_unstructured_conv_runs_csr_conv2d_where_faster_and_matches_masked_dense(monkeypatch):
-    monkeypatch.setattr(cost.CostModel, "time", _fake_times({"dense": 1.0, "csr_conv_torch": 0.5}))
+    monkeypatch.setattr(cost.CostModel, "compare", _fake_times({"dense": 1.0, "csr_conv_torch": 0.5}))
     model, x = _ConvNet().eval(), _x()
     cfg = Config(weight=Unstructured(0.8), max_error=10.0, check_model_speed=False, timing_repeats=1)
     sm = sparsify.compile(model, (x,), cfg)
@@ -60,7 +58,7 @@ def test_unstructured_conv_runs_csr_conv2d_where_faster_and_matches_masked_dense
 
 
 def test_unstructured_conv_slower_than_dense_stays_dense_with_the_numbers(monkeypatch):
-    monkeypatch.setattr(cost.CostModel, "time", _fake_times({"dense": 1.0, "csr_conv_torch": 3.0}))
+    monkeypatch.setattr(cost.CostModel, "compare", _fake_times({"dense": 1.0, "csr_conv_torch": 3.0}))
     model, x = _ConvNet().eval(), _x()
     sm = sparsify.compile(model, (x,), Config(weight=Unstructured(0.8), max_error=10.0, timing_repeats=1))
     for fqn in ("conv1", "conv2"):
@@ -71,7 +69,7 @@ def test_unstructured_conv_slower_than_dense_stays_dense_with_the_numbers(monkey
 
 
 def test_wanda_on_conv_prunes_each_output_channel_to_the_same_count(monkeypatch):
-    monkeypatch.setattr(cost.CostModel, "time", _fake_times({"dense": 1.0, "csr_conv_torch": 0.5}))
+    monkeypatch.setattr(cost.CostModel, "compare", _fake_times({"dense": 1.0, "csr_conv_torch": 0.5}))
     model, x = _ConvNet().eval(), _x()
     cfg = Config(weight=Unstructured(0.5, criterion="wanda"), max_error=10.0, check_model_speed=False,
                  timing_repeats=1, force=True)

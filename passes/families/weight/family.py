@@ -18,12 +18,14 @@ import torch.fx as fx
 
 from sparsify import ir
 from sparsify.codegen import registry
+from sparsify.codegen.epilogue import activation_reference
 from sparsify.family import Family, Measured, SiteSkipped, Trial, register_family
 from sparsify.metrics import rel_l2
 from sparsify.patterns import NM, Auto, Block, Channel, Dense, Unstructured
 from sparsify.plan import Candidate
 from sparsify.state import Prepared
 
+from ...rewrite.fuse_epilogue import epilogue_of
 from .layers import find_weight_layers
 from .views import storage_weight, view_of
 
@@ -67,6 +69,15 @@ def existing_sparsity_candidates(w: torch.Tensor, min_sparsity: float = 0.5) -> 
         if 0 < density <= 0.5:
             found.append(Block(block, density))  # round(total * density) is the exact count
     return found
+
+
+def _dense_as_graph(view, x, w, b, epi, residual):
+    """The dense layer and the ops after it that a sparse kernel would fuse, run one after another."""
+    activation, _, cast = epi
+    y = activation_reference(view.dense(x, w, b), activation)
+    if residual is not None:
+        y = y + residual
+    return y if cast is None else y.to(cast)
 
 
 def mask_digest(w_sparse: torch.Tensor) -> str:
@@ -115,17 +126,28 @@ class WeightFamily(Family):
         x = (x[None] if x.dim() == 1 else x).to(w_dev.dtype)
         with torch.no_grad():
             dense_out = view.dense(x, w_dev, b_dev)
+        # Timed as the graph will run it: with the epilogue the rewrite will fuse (and, for dense, the
+        # same ops run separately after it, as the dense graph runs them).
+        act, res_node, cast = epilogue_of(site.node(gm))
+        residual = torch.randn_like(dense_out) if res_node is not None else None
+        epi = (act, residual is not None, cast)
         shape_key = (info.op, tuple(x.shape), tuple(view.w.shape), str(view.w.dtype), view.bias is not None,
-                     str(info.conv_params))
-        dense = Trial(Candidate(Dense(), "dense", 0.0), run=lambda: view.dense(x, w_dev, b_dev), key=shape_key)
+                     str(info.conv_params), f"epilogue={act}+{'residual' if residual is not None else '-'}+{cast}")
+        dense = Trial(Candidate(Dense(), "dense", 0.0), run=lambda: _dense_as_graph(view, x, w_dev, b_dev, epi, residual),
+                      key=shape_key)
         norm = stats.channel_norm if stats.channel_sq_sum is not None else None
-        trials = []
+        trials, seen = [], {}
         with torch.no_grad():
             for pattern in patterns:
-                trials += self._trials(view, info, pattern, x, b_dev, dense_out, norm, shape_key, ctx)
+                for t in self._trials(view, info, pattern, x, b_dev, dense_out, norm, shape_key, epi, residual, ctx):
+                    same = seen.setdefault((t.candidate.kernel, t.params.get("mask_digest")), t.candidate.pattern)
+                    if t.run is not None and same != t.candidate.pattern:
+                        # another pattern that keeps exactly these weights: time it once
+                        t.candidate.note, t.run = f"keeps the same weights as {same.describe()}", None
+                    trials.append(t)
         return Measured(dense, trials)
 
-    def _trials(self, view, info, pattern, x, b_dev, dense_out, norm, shape_key, ctx) -> list[Trial]:
+    def _trials(self, view, info, pattern, x, b_dev, dense_out, norm, shape_key, epi, residual, ctx) -> list[Trial]:
         def note(kernel, sparsity, text):
             return [Trial(Candidate(pattern, kernel, sparsity, note=text))]
 
@@ -165,7 +187,7 @@ class WeightFamily(Family):
                                               note=f"failed: {type(e).__name__}: {str(e)[:120]}")))
                 continue
             trials.append(Trial(Candidate(pattern, k.name, sparsity, layer_error=err),
-                                run=lambda k=k, prepared=prepared: k.call(x, prepared, b_dev),
+                                run=lambda k=k, prepared=prepared: k.call(x, prepared, b_dev, residual, epi[0], epi[2]),
                                 key=(k.name, k.version, pattern.to_dict(), *shape_key, round(sparsity, 4)),
                                 prepared=prepared, substitute=substitute, params=params))
         return trials

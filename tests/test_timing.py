@@ -1,0 +1,123 @@
+"""Timing decisions: interleaved rounds until the ratio is steady, what the cost cache keeps, and the
+chooser's "too noisy to decide". Every clock here is a fake: real timings live in benchmarks/."""
+import json
+import time
+
+import pytest
+import torch
+
+import sparsify
+from sparsify import Config, Unstructured, timing
+from sparsify.timing import CostModel, Timed, compare_rounds
+from tests.helpers import MLP, mlp_input
+
+CPU = torch.device("cpu")
+
+
+def _scripted(rounds):
+    """A stand-in for compare_ms that returns the given per-round times, one round per call."""
+    it = iter(rounds)
+    calls = []
+
+    def compare_ms(fns, device, repeats=20):
+        calls.append(len(fns))
+        return next(it)
+    return compare_ms, calls
+
+
+def test_steady_ratios_stop_after_the_minimum_rounds(monkeypatch):
+    fake, calls = _scripted([[2.0, 1.0, 4.0]] * 10)
+    monkeypatch.setattr(timing, "compare_ms", fake)
+    dense, fast, slow = compare_rounds([lambda: 0, lambda: 0, lambda: 0], CPU)
+    assert len(calls) == timing.MIN_ROUNDS
+    assert dense.ratio == 1.0 and fast.ratio == pytest.approx(2.0) and slow.ratio == pytest.approx(0.5)
+    assert fast.stable and slow.stable and fast.ms == 1.0
+
+
+def test_unsteady_ratios_run_every_round_and_are_marked(monkeypatch):
+    wobble = [[2.0, 1.0 if r % 2 else 2.5] for r in range(20)]    # ratio 2.0, 0.8, 2.0, 0.8, ...
+    fake, calls = _scripted(wobble)
+    monkeypatch.setattr(timing, "compare_ms", fake)
+    _, cand = compare_rounds([lambda: 0, lambda: 0], CPU)
+    assert len(calls) == timing.MAX_ROUNDS and not cand.stable and cand.spread > timing.RATIO_TOLERANCE
+
+
+def test_a_clearly_slower_candidate_leaves_the_rounds(monkeypatch):
+    fake, calls = _scripted([[2.0, 1.0, 8.0]] + [[2.0, 1.0]] * 10)
+    monkeypatch.setattr(timing, "compare_ms", fake)
+    _, fast, slow = compare_rounds([lambda: 0, lambda: 0, lambda: 0], CPU, threshold=1.05)
+    assert calls == [3] + [2] * (timing.MIN_ROUNDS - 1), "the 0.25x candidate is dropped after round one"
+    assert slow.ratio == pytest.approx(0.25) and slow.stable and fast.ratio == pytest.approx(2.0)
+
+
+def test_a_function_that_raises_is_reported_not_timed(monkeypatch):
+    fake, calls = _scripted([[1.0, 2.0]] * 10)
+    monkeypatch.setattr(timing, "compare_ms", fake)
+
+    def broken():
+        raise RuntimeError("no kernel for this")
+
+    dense, bad, ok = compare_rounds([lambda: 0, broken, lambda: 0], CPU)
+    assert bad.ms is None and "no kernel for this" in bad.error and ok.ratio == pytest.approx(0.5)
+    assert calls[0] == 2, "the broken one is left out of the rounds"
+
+
+def test_cache_keeps_only_steady_timings_taken_on_a_quiet_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SPARSIFY_NO_COST_CACHE", raising=False)
+    results = {"steady": [Timed(2.0, 1.0), Timed(1.0, 2.0)], "noisy": [Timed(2.0, 1.0), Timed(1.0, 2.0, 0.5, False)]}
+    mode = {"now": "steady"}
+    monkeypatch.setattr(timing, "compare_rounds", lambda fns, device, repeats, threshold=None: results[mode["now"]])
+    monkeypatch.setattr(timing, "machine_busy", lambda: None)
+    CostModel(CPU).compare([("k-dense", lambda: 0), ("k-a", lambda: 0)])
+    mode["now"] = "noisy"
+    CostModel(CPU).compare([("n-dense", lambda: 0), ("n-a", lambda: 0)])
+    monkeypatch.setattr(timing, "machine_busy", lambda: "load average 6.1 on 2 cores")
+    mode["now"] = "steady"
+    CostModel(CPU).compare([("b-dense", lambda: 0), ("b-a", lambda: 0)])
+    disk = json.loads((tmp_path / "cost.json").read_text())
+    assert {"k-dense", "k-a", "n-dense"} == set(disk), "noisy candidates and busy-machine timings are not kept"
+    assert disk["k-a"]["baseline"] == "k-dense" and disk["k-a"]["ratio"] == 2.0 and "load" in disk["k-a"]
+
+
+def test_cache_is_used_whole_and_fresh_only(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SPARSIFY_NO_COST_CACHE", raising=False)
+    now = time.time()
+    entry = lambda ms, ratio, when: {"ms": ms, "ratio": ratio, "spread": 0.0, "baseline": "d", "when": when}  # noqa: E731
+    (tmp_path / "cost.json").write_text(json.dumps({"d": entry(2.0, 1.0, now), "a": entry(1.0, 2.0, now),
+                                                    "old": entry(1.0, 9.0, now - 90 * 86400)}))
+    measured = []
+    monkeypatch.setattr(timing, "compare_rounds", lambda fns, device, repeats, threshold=None: measured.append(len(fns)) or
+                        [Timed(2.0, 1.0)] + [Timed(1.5, 1.33)] * (len(fns) - 1))
+    hit = CostModel(CPU).compare([("d", lambda: 0), ("a", lambda: 0)])
+    assert measured == [] and all(t.cached for t in hit) and hit[1].ratio == 2.0
+    stale = CostModel(CPU).compare([("d", lambda: 0), ("old", lambda: 0)])
+    assert measured == [2] and stale[1].ratio == 1.33, "a 90-day-old entry is measured again"
+
+
+def test_the_chooser_keeps_dense_where_the_ratio_is_too_noisy(monkeypatch):
+    def noisy(self, entries, threshold=None):
+        return [Timed(1.0, 1.0)] + [Timed(0.5, 2.0, 0.6, False) for _ in entries[1:]]
+    monkeypatch.setattr(CostModel, "compare", noisy)
+    sm = sparsify.compile(MLP(), (mlp_input(),), Config(weight=Unstructured(0.5), timing_repeats=1))
+    for lp in sm.plan.layers.values():
+        assert lp.status == "dense" and "too noisy to decide on" in lp.reason, lp.reason
+        assert any("too noisy to decide" in c.note for c in lp.candidates)
+
+
+def test_candidates_are_timed_with_the_epilogue_the_graph_will_fuse(monkeypatch):
+    keys = []
+
+    def record(self, entries, threshold=None):
+        keys.extend(k for k, _ in entries)
+        for _, fn in entries:
+            fn()                            # the runnables run, epilogue included
+        return [Timed(1.0, 1.0)] + [Timed(0.5, 2.0) for _ in entries[1:]]
+    monkeypatch.setattr(CostModel, "compare", record)
+    sparsify.compile(MLP(), (mlp_input(),), Config(weight=Unstructured(0.5), timing_repeats=1,
+                                                    check_model_speed=False))
+    fc1 = [k for k in keys if "(96, 48)" in k]          # fc1's weight; relu follows it
+    fc2 = [k for k in keys if "(48, 96)" in k]          # fc2's weight; + x follows it
+    assert fc1 and all("epilogue=relu+-+None" in k for k in fc1)
+    assert fc2 and all("epilogue=none+residual+None" in k for k in fc2)
