@@ -26,6 +26,13 @@ from sparsify.state import Prepared
 from . import runtime
 
 
+def _inference_only(op: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op} is inference-only (a sparsify-compiled model has no backward): train the "
+                           f"original model, then compile it again")
+    return backward
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class KernelSpec:
     name: str                     # what plans and Config.kernels call it ("bsr_triton")
@@ -52,6 +59,7 @@ class KernelSpec:
             for device, fn in self.device_impls.items():
                 op.register_kernel(device, fn)
             op.register_fake(lambda *args, **kwargs: self.out_like(self.bind(args, kwargs)))
+            op.register_autograd(_inference_only(self.op), setup_context=lambda ctx, inputs, output: None)
 
     # ---- the op and its arguments ------------------------------------------------------------
     @property

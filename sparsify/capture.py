@@ -168,10 +168,12 @@ def _capture_children(root, prefix, calls, methods, parts, failures):
     for name, child in list(module.named_children()):
         fqn = f"{prefix}.{name}" if prefix else name
         seen = calls.get(fqn, [])
-        if not seen:
+        if not seen and not list(child.named_children()):
             failures.append(CaptureFailure(fqn, "not called in the example forward"))
             continue
-        if len(seen) > 1:
+        if not seen:   # a container (ModuleList, ModuleDict) is never called itself, but its children are
+            reason = "not called itself (a container)"
+        elif len(seen) > 1:
             reason = f"called {len(seen)} times per forward (shared module)"
         else:
             a, kw = seen[0]

@@ -14,6 +14,8 @@ from . import ir
 from .capture import Capture, CapturedPart, capture, _record_child_inputs
 from .config import Config, ConfigError
 from .family import check_config
+from .guards import _MISSING as _GUARD_MISSING
+from .guards import Guards, recording, shallow_tree_copy
 from .metrics import output_error
 from .pipeline import PassContext, Pipeline, Timing, registered_passes
 from .plan import ROLLED_BACK, Plan
@@ -114,6 +116,7 @@ class SparseModule(nn.Module):
         self._calibration_data = calibration_data
         self._pipeline = pipeline or Pipeline.default()
         self._compiled: dict[tuple, Capture] = {}
+        self._guards: Guards | None = None
         self._state: dict[str, CompileState] = {}   # per part prefix: the compile state of the first compile
         self.plan: Plan | None = self._given_plan
         self.capture_info: Capture | None = None
@@ -126,12 +129,59 @@ class SparseModule(nn.Module):
 
     # ---- set-up -----------------------------------------------------------------------------
     def _prepare(self, model: nn.Module) -> nn.Module:
+        """Our own copy of the model in eval mode: the user's model (its training flags, attributes and
+        tensors) is never changed. A copy of the module tree shares the weights; with Config.device /
+        dtype the weights are converted, so the copy is deep."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"sparsify.compile expects an nn.Module, got {type(model).__name__}")
         cfg = self.config
+        self._user_model = model
         if cfg.device is not None or cfg.dtype is not None:
-            model = copy.deepcopy(model).to(device=cfg.device, dtype=cfg.torch_dtype)
-        return model.eval()
+            copied = copy.deepcopy(model).to(device=cfg.device, dtype=cfg.torch_dtype)
+            self._originals = {id(c): o for c, o in zip(copied.modules(), model.modules())}
+        else:
+            copied, self._originals = shallow_tree_copy(model)
+        return copied.eval()
+
+    def train(self, mode: bool = True):
+        """A compiled model is inference-only (eval mode; the sparse ops have no backward)."""
+        if mode:
+            raise RuntimeError("a sparsify-compiled model is inference-only: it runs in eval mode and its sparse "
+                               "ops have no backward. Train the original model, then compile it again.")
+        return super().train(False)
+
+    def _record_guards(self, args, kwargs) -> None:
+        """Run the model once eagerly, recording the plain attributes its forward reads (guards.py);
+        on the user's own modules, since that is where a flag is toggled."""
+        with recording(list(self._model.modules())) as reads, torch.no_grad():
+            self._model(*args, **kwargs)
+        watched = []
+        for obj, name, value in reads.values():
+            if name == "training":       # always eval here: the compiled model is inference-only
+                continue
+            watched.append((self._originals.get(id(obj), obj), name, value))
+        self._guards = Guards(watched)
+
+    def _check_guards(self) -> None:
+        """A watched attribute changed since capture: mirror it into our copy and capture again (the
+        plan still applies: sites are found by name)."""
+        changes = self._guards.changed()
+        if not changes:
+            return
+        copies = {id(o): c for c, o in ((c, self._originals.get(id(c))) for c in self._model.modules()) if o is not None}
+        for obj, name, _, now in changes:
+            target = copies.get(id(obj))
+            if target is not None:        # a module attribute: our copy has its own __dict__
+                if now is _GUARD_MISSING:
+                    target.__dict__.pop(name, None)
+                else:
+                    target.__dict__[name] = now
+        note = f"captured again: {self._guards.describe(changes)} changed after compiling"
+        self._say(note)
+        if note not in self.plan.notes:
+            self.plan.notes.append(note)
+        self._guards = Guards([(o, n, o.__dict__.get(n, _GUARD_MISSING)) for o, n, _ in self._guards.watched])
+        self._compiled.clear()
 
     @property
     def device(self) -> torch.device:
@@ -174,7 +224,14 @@ class SparseModule(nn.Module):
         cap = capture(self._model, args, kwargs)
         for f in cap.failures:
             self._say(f"capture: {f.prefix or '<model>'}: {f.reason}")
+        self._record_guards(args, kwargs)
         batches = [self._cast_inputs(a, k) for a, k in normalize_batches((args, kwargs), self._calibration_data)]
+        # The graph was captured for the example's shapes: batches of other shapes are calibrated on
+        # captures of their own (statistics only); errors and times are taken on the example's shapes.
+        sig = _signature(args, kwargs)
+        others = [b for b in batches if _signature(*b) != sig]
+        batches = [b for b in batches if _signature(*b) == sig] or [(args, kwargs)]
+        pre_stats = self._stats_of_other_shapes(others)
         per_part = self._part_batches(cap, batches)
         pipe = self._pipeline
         back = pipe.phase("rewrite", "lower")
@@ -186,7 +243,8 @@ class SparseModule(nn.Module):
         snapshots, contexts = {}, {}
         for part in cap.parts:
             ctx = PassContext(self.config, self.device, per_part[part.prefix], [timing],
-                              part_prefix=part.prefix, progress=self._say)
+                              part_prefix=part.prefix, progress=self._say,
+                              state=CompileState(stats=pre_stats.get(part.prefix, {})))
             contexts[part.prefix] = ctx
             snapshots[part.prefix] = front.run(part.gm, ctx)
         if self._given_plan is not None:
@@ -200,6 +258,10 @@ class SparseModule(nn.Module):
         self.config.check_overrides_match(sorted(named))
         if self._given_plan is None:
             self.plan = Plan(plans)
+        if others:
+            self.plan.notes.append(f"{len(others)} calibration batch(es) of other shapes than the example gave "
+                                   f"statistics only; errors and times are measured on the {len(batches)} "
+                                   f"shaped like the example")
         self._state = {prefix: ctx.state for prefix, ctx in contexts.items()}
         available = {"sites", "stats", "plan", "prepared"}
 
@@ -225,6 +287,29 @@ class SparseModule(nn.Module):
         self.compile_seconds = time.perf_counter() - t0
         self._say(f"compiled in {self.compile_seconds:.1f} s: {len(self.plan.sparse_layers())}/"
                   f"{len(self.plan)} sites changed, model error {self.plan.model_error:.3g}")
+
+    def _stats_of_other_shapes(self, batches) -> dict[str, dict]:
+        """Calibration statistics of batches whose shapes differ from the example's, per part prefix:
+        each shape is captured on its own and only the passes that provide statistics run on it."""
+        out: dict[str, dict] = {}
+        groups: dict = {}
+        for b in batches:
+            groups.setdefault(_signature(*b), []).append(b)
+        stats_pipe = self._pipeline.providers({"stats"})
+        for group in groups.values():
+            self._say(f"calibrate {len(group)} batch(es) of another shape on a capture of their own")
+            cap = capture(self._model, *group[0])
+            per_part = self._part_batches(cap, group)
+            for part in cap.parts:
+                ctx = PassContext(self.config, self.device, per_part[part.prefix], part_prefix=part.prefix)
+                stats_pipe.run(part.gm, ctx)
+                mine = out.setdefault(part.prefix, {})
+                for key, st in ctx.state.stats.items():
+                    if key in mine:
+                        mine[key].absorb(st)
+                    else:
+                        mine[key] = st
+        return out
 
     def _take_plan(self, contexts, snapshots) -> None:
         """Hand each part the entries of the given plan for its sites; an entry no part has is an
@@ -349,9 +434,10 @@ class SparseModule(nn.Module):
                                    f"compile again for these inputs")
             ctx = PassContext(self.config, self.device, [], part_prefix=part.prefix, state=old.for_rebuild())
             gm = front.run(part.gm, ctx)
+            # a site this capture no longer has (a branch a changed flag switched off) stays unplanned
+            ctx.state.plans = {k: lp for k, lp in ctx.state.plans.items() if k in ctx.state.sites}
             for key, lp in ctx.state.plans.items():
-                if key in ctx.state.sites:
-                    ctx.state.sites[key].node(gm).meta[ir.PLAN] = lp
+                ctx.state.sites[key].node(gm).meta[ir.PLAN] = lp
             gm = back.run(gm, ctx, {"sites", "plan", "prepared"})
             self._install(cap, part, gm)
         self._pass_through_if_dense(cap)
@@ -360,6 +446,8 @@ class SparseModule(nn.Module):
     # ---- run --------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         args, kwargs = self._cast_inputs(args, kwargs)
+        if self._guards is not None:
+            self._check_guards()
         sig = _signature(args, kwargs)
         cap = self._compiled.get(sig)
         if cap is None:

@@ -51,6 +51,8 @@ def format_report(sm) -> str:
                  f"compile: {sm.compile_seconds:.2f} s" if sm.compile_seconds else f"device: {sm.device}")
     how = ", ".join(f"{p.prefix or '<model>'} ({p.method})" for p in cap.parts)
     lines.append(f"captured: {how}")
+    lines.append("inference-only: runs in eval mode (your model is not changed); sparse ops have no backward; "
+                 "a plain attribute the forward reads, changed later, triggers a new capture")
     for f in cap.failures:
         lines.append(f"  not captured: {f.prefix or '<model>'}: {f.reason}")
     sparse = sm.plan.sparse_layers()

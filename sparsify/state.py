@@ -42,6 +42,15 @@ class LayerStats:
     def channel_norm(self) -> torch.Tensor:
         return self.channel_sq_sum.sqrt()
 
+    def absorb(self, other: "LayerStats") -> None:
+        """Add the sums of statistics taken on other batches (other shapes: another capture); this
+        one's sample stays, it is the input as this graph sees it."""
+        if other.channel_sq_sum is not None:
+            self.channel_sq_sum = (other.channel_sq_sum if self.channel_sq_sum is None
+                                   else self.channel_sq_sum + other.channel_sq_sum)
+        if self.sample is None:
+            self.sample = other.sample
+
 
 MAX_SAMPLE_ROWS = 4096
 
@@ -101,4 +110,4 @@ class CompileState:
     def for_rebuild(self) -> "CompileState":
         """The part of this state the rewrite phase may read (sites, plans, prepared), sharing them:
         what a new capture of the same model, or a build from a saved plan, starts from."""
-        return CompileState(sites={}, plans=self.plans, prepared=self.prepared)
+        return CompileState(sites={}, plans=dict(self.plans), prepared=self.prepared)

@@ -171,8 +171,12 @@ def csr_linear_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, valu
     impl = resolve_impl(impl, x.device, ("torch", "reference"))
     check_layout(layout)
     xr = x.t() if layout == "feature" and x.dim() == 2 else x      # the token-major view, for the checks
-    if layout == "feature" and x.dim() != 2:
-        raise ValueError(f"layout='feature' takes x as [k_in, M] (2-D), got {tuple(x.shape)}")
+    if layout == "feature":
+        if x.dim() != 2:
+            raise ValueError(f"layout='feature' takes x as [k_in, M] (2-D), got {tuple(x.shape)}")
+        if residual is not None and residual.dim() > 2 and residual.shape[-1] == n_out \
+                and math.prod(residual.shape[:-1]) == x.shape[1]:
+            residual = residual.reshape(x.shape[1], n_out)   # the tokens of the token-major graph, flattened
     out_dtype = _check_args(xr, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
                             kernel_dtypes=impl == "torch")
     _check_indices(crow, col, k_in, check_indices)

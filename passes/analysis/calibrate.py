@@ -37,6 +37,9 @@ def calibrate(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if not probes or not ctx.calibration:
         return PassResult(gm, False, {"probes": 0})
     stats = run_calibration(gm, ctx, probes)
+    for key, earlier in ctx.state.stats.items():   # statistics of batches of other shapes, if any
+        if key in stats:
+            stats[key].absorb(earlier)
     nodes = {n.name: n for n in gm.graph.nodes}
     for p in probes:
         nodes[p.owner].meta[ir.STATS] = stats[p.key]

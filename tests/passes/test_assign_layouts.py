@@ -38,3 +38,16 @@ def test_a_lone_sparse_layer_keeps_the_row_layout():
     (op,) = _sparse_ops(sm.graph_module)
     assert ir.op_arg(op, "layout")[1] == "row"
     torch.testing.assert_close(sm(x), model(x), rtol=0.5, atol=10.0)   # runs; the error is the pruning's
+
+
+def test_a_chain_on_3d_activations_with_a_residual_matches_the_row_layout():
+    from sparsify.models import lm_inputs, tiny_lm
+
+    model, x = tiny_lm(d=32, ffn=64, heads=2, layers=1, vocab=64), lm_inputs(2, 9, vocab=64)
+    cfg = Config(**{**CSR, "weight": sparsify.Dense()}, overrides={"blocks.0.fc*": Unstructured(0.6)})
+    sm = sparsify.compile(model, (x,), cfg)
+    ops = _sparse_ops(sm.graph_module)
+    assert len(ops) == 2 and all(ir.op_arg(n, "layout")[1] == "feature" for n in ops)
+    assert ir.op_arg(ops[1], "residual")[1] is not None, "fc2 + x is fused, the residual read token-major"
+    row = sparsify.compile(model, (x,), cfg, pipeline=sparsify.Pipeline.default().remove("assign_layouts"))
+    torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
