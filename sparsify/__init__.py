@@ -11,6 +11,7 @@ from .config import Config, ConfigError
 from .family import (Family, Measured, Probe, Site, SiteSkipped, Trial, UnsupportedPatternError, families,
                      register_family, unregister_family)
 from .module import SparseModule
+from .persist import load
 from .patterns import (NM, ActivationThreshold, Auto, Block, BlockMask, Causal, Channel, Dense, Pattern,
                        PatternError, SlidingWindow, Strided, Submanifold, TopK, Unstructured,
                        pattern_from_dict, register_pattern)
@@ -23,7 +24,7 @@ from .state import CompileState, Prepared
 # families when the default pipeline or the family registry is first used.
 _pipeline.set_builtin_loader(passes_loader.load)
 
-__all__ = ["compile", "Config", "ConfigError", "SparseModule", "Plan", "LayerPlan", "Candidate", "Dense", "Auto",
+__all__ = ["compile", "load", "Config", "ConfigError", "SparseModule", "Plan", "LayerPlan", "Candidate", "Dense", "Auto",
            "Unstructured", "NM", "Block", "Channel", "ActivationThreshold", "TopK", "Causal",
            "SlidingWindow", "Strided", "BlockMask", "Submanifold", "Pattern", "PatternError", "pattern_from_dict",
            "register_pattern", "Family", "Site", "Probe", "Trial", "Measured", "SiteSkipped", "register_family",

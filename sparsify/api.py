@@ -10,7 +10,7 @@ from .pipeline import Pipeline
 
 def compile(model: nn.Module, example_inputs=None, config: Config | None = None, *,
             calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False,
-            plan=None) -> SparseModule:
+            plan=None, progress: bool = True) -> SparseModule:
     """Make `model` sparse where that is measured faster than dense and within the error budget.
 
     example_inputs: a tensor, a tuple of positional args, or a dict of keyword args. When None,
@@ -19,6 +19,9 @@ def compile(model: nn.Module, example_inputs=None, config: Config | None = None,
     pipeline: a custom `Pipeline` (default: the registered default passes).
     plan: a Plan made before (or its JSON text, or a path to it): applied as it is, without planning,
       timing or rollback; the sites it names must be this model's (same weights for its masks).
+    progress: stage lines on stderr (the site being planned, verification, the end-to-end check);
+      verbose=True adds every pass and batch; progress=False is silent.
     Returns a SparseModule with the model's call signature; see .report(), .plan, .graph_module.
     """
-    return SparseModule(model, config, example_inputs, calibration_data, pipeline, verbose, plan)
+    return SparseModule(model, config, example_inputs, calibration_data, pipeline, verbose, plan,
+                        progress=progress)

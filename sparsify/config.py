@@ -7,7 +7,15 @@ from typing import Any
 
 import torch
 
+from .metrics import METRICS
 from .patterns import Auto, Dense, Pattern, PatternError, pattern_from_dict
+
+_CALLABLE = "callable:"
+
+
+def _named(v):
+    """A Config value as JSON: a callable by its name (it cannot be restored)."""
+    return f"{_CALLABLE}{getattr(v, '__qualname__', repr(v))}" if callable(v) else v
 
 
 class ConfigError(ValueError):
@@ -38,6 +46,12 @@ class Config:
     check_model_speed: after verification, time the compiled model against dense end to end; while it
       is slower, the half of the sparse sites that saved the least goes dense (the report says why).
     min_speedup: a layer is sparse only if dense_ms / sparse_ms >= this (a margin over timing noise).
+    metric / output: what max_error is measured on, for every family alike: `output` selects part of
+      the model's output (None: every floating tensor; an int: that element of the output tuple; a
+      str: that field or key, e.g. "last_hidden_state"; a callable: e.g. a pooling), `metric` is
+      "rel_l2" (relative L2 vs dense), "cosine" (1 - mean cosine similarity of the rows, for
+      embeddings) or a callable (dense outputs, sparse outputs) -> float. Callables are not saved by
+      to_dict (their name is, and from_dict refuses it: pass them again).
     kernels: when non-empty, only these kernels (registry names, e.g. "bsr_triton") are considered.
     """
 
@@ -58,6 +72,8 @@ class Config:
     model_sensitivity: bool = True
     max_layer_error: float = 0.5
     check_model_speed: bool = True
+    metric: Any = "rel_l2"
+    output: Any = None
 
     def __post_init__(self):
         for field in _FIELDS:
@@ -94,6 +110,11 @@ class Config:
             raise ConfigError(f"Config.min_speedup must be a number > 0, got {self.min_speedup!r}")
         if not isinstance(self.timing_repeats, int) or self.timing_repeats < 1:
             raise ConfigError(f"Config.timing_repeats must be an int >= 1, got {self.timing_repeats!r}")
+        if not (callable(self.metric) or self.metric in METRICS):
+            raise ConfigError(f"Config.metric must be one of {METRICS} or a callable, got {self.metric!r}")
+        if not (self.output is None or callable(self.output) or isinstance(self.output, (str, int))
+                and not isinstance(self.output, bool)):
+            raise ConfigError(f"Config.output must be None, an int, a str or a callable, got {self.output!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -119,6 +140,7 @@ class Config:
                  seed=self.seed, timing_repeats=self.timing_repeats, kernels=list(self.kernels),
                  min_speedup=self.min_speedup, model_sensitivity=self.model_sensitivity,
                  max_layer_error=self.max_layer_error, check_model_speed=self.check_model_speed,
+                 metric=_named(self.metric), output=_named(self.output),
                  overrides=[[g, p.to_dict()] for g, p in self.overrides],
                  candidates=[c.to_dict() for c in self.candidates])
         return d
@@ -138,4 +160,8 @@ class Config:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"Config.from_dict: unknown fields {sorted(unknown)}")
+        for f in ("metric", "output"):
+            if isinstance(d.get(f), str) and d[f].startswith(_CALLABLE):
+                raise ConfigError(f"Config.from_dict: {f} was the callable {d[f][len(_CALLABLE):]}; a saved "
+                                  f"config cannot restore it: pass Config(..., {f}=...) again")
         return cls(**d)

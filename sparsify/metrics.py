@@ -30,3 +30,45 @@ def output_error(dense_outs, sparse_outs) -> float:
             num += float((b.double() - a.double()).pow(2).sum())
             den += float(a.double().pow(2).sum())
     return (num / max(den, 1e-300)) ** 0.5
+
+
+METRICS = ("rel_l2", "cosine")
+
+
+def select(out, output):
+    """The part of a model output the error budget is on: everything (None), element `output` of
+    the output tuple (int), the field or key `output` (str: a Hugging Face ModelOutput attribute or a
+    dict key), or what the callable `output(out)` returns."""
+    if output is None:
+        return out
+    if callable(output):
+        return output(out)
+    if isinstance(output, int):
+        items = out.to_tuple() if hasattr(out, "to_tuple") else out
+        return items[output]
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        return out[output]
+    return getattr(out, output)
+
+
+def cosine_error(dense_outs, sparse_outs) -> float:
+    """1 - the mean cosine similarity of matching rows (last dim) over all floating outputs: for a
+    pooled embedding [batch, dim], how far the sparse model's embeddings turn from dense."""
+    sims = []
+    for d, s in zip(dense_outs, sparse_outs):
+        for a, b in zip(float_leaves(d), float_leaves(s)):
+            a2, b2 = a.double().reshape(-1, a.shape[-1]), b.double().reshape(-1, b.shape[-1])
+            sims.append(torch.nn.functional.cosine_similarity(a2, b2, dim=-1))
+    return float(1 - torch.cat(sims).mean()) if sims else 0.0
+
+
+def model_error(dense_outs, sparse_outs, metric="rel_l2", output=None) -> float:
+    """The error the budget (Config.max_error) is on: `metric` ("rel_l2", "cosine", or a callable
+    (dense, sparse) -> float) of the `output` selected from each batch's outputs."""
+    d = [select(o, output) for o in dense_outs]
+    s = [select(o, output) for o in sparse_outs]
+    if callable(metric):
+        return float(metric(d, s))
+    if metric == "cosine":
+        return cosine_error(d, s)
+    return output_error(d, s)

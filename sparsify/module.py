@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import sys
 import time
 
 import torch
@@ -16,7 +15,8 @@ from .config import Config, ConfigError
 from .family import check_config
 from .guards import _MISSING as _GUARD_MISSING
 from .guards import Guards, recording, shallow_tree_copy
-from .metrics import output_error
+from .progress import Progress
+from .metrics import model_error
 from .pipeline import PassContext, Pipeline, Timing, registered_passes
 from .plan import ROLLED_BACK, Plan
 from .state import CompileState
@@ -82,6 +82,14 @@ def _as_plan(plan) -> Plan | None:
     return Plan.from_dict(plan.to_dict())
 
 
+def _measure_words(config: Config) -> str:
+    metric = {"rel_l2": "relative L2", "cosine": "1 - cosine similarity"}.get(config.metric, config.metric)
+    what = "every floating output" if config.output is None else f"output {config.output!r}"
+    if callable(config.output):
+        what = f"output {getattr(config.output, '__qualname__', 'selected')}"
+    return f"{metric if isinstance(metric, str) else getattr(metric, '__qualname__', 'metric')} of {what}"
+
+
 def _check_device(config: Config) -> None:
     if config.device is None:
         return
@@ -96,7 +104,7 @@ def _check_device(config: Config) -> None:
 class SparseModule(nn.Module):
     def __init__(self, model: nn.Module, config: Config | None = None, example_inputs=None,
                  calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False,
-                 plan=None):
+                 plan=None, prepared: dict | None = None, progress: bool = True):
         super().__init__()
         from . import passes_loader  # registers the default passes (roof imports passes)
 
@@ -111,8 +119,11 @@ class SparseModule(nn.Module):
             registry.check_kernel_names(self.config.kernels)
         _check_device(self.config)
         self._given_plan = _as_plan(plan)
+        self._given_prepared = dict(prepared or {})
         self.verbose = verbose
-        self._model = self._prepare(model)
+        self._progress = Progress(progress, verbose)
+        # not a registered submodule: state_dict / to() / load_state_dict act on what runs (`compiled`)
+        object.__setattr__(self, "_model", self._prepare(model))
         self._calibration_data = calibration_data
         self._pipeline = pipeline or Pipeline.default()
         self._compiled: dict[tuple, Capture] = {}
@@ -143,12 +154,37 @@ class SparseModule(nn.Module):
             copied, self._originals = shallow_tree_copy(model)
         return copied.eval()
 
+    def save(self, path) -> None:
+        """Write what rebuilds this compiled model on the same model without planning again: the plan,
+        the prepared (packed) buffers, the config, and what `sparsify.load` checks (the model's
+        parameter names, shapes and a digest of their values; the kernels' versions)."""
+        from .persist import save
+
+        save(self, path)
+
+    def to(self, *args, **kwargs):
+        """A compiled model is built for one device and dtype (its buffers are packed for them): a
+        conversion that changes either is refused, saying how to get it (compile for it)."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        params = [t for t in self.compiled.parameters()] if self.capture_info is not None else []
+        cur_dtype = params[0].dtype if params else None
+        if (device is None or torch.device(device).type == self.device.type) and (dtype is None or dtype == cur_dtype):
+            return self
+        raise RuntimeError(f"a compiled model is specialised to {self.device} / {cur_dtype} (its sparse buffers are "
+                           f"packed for them): compile the model again with Config(device=..., dtype=...) for "
+                           f"{device or self.device} / {dtype or cur_dtype}")
+
+    def _apply(self, fn, recurse=True):
+        raise RuntimeError("a compiled model is specialised to its device and dtype (cuda(), half(), ... would leave "
+                           "its packed buffers behind): compile the model again with Config(device=..., dtype=...)")
+
     def train(self, mode: bool = True):
         """A compiled model is inference-only (eval mode; the sparse ops have no backward)."""
         if mode:
             raise RuntimeError("a sparsify-compiled model is inference-only: it runs in eval mode and its sparse "
                                "ops have no backward. Train the original model, then compile it again.")
-        return super().train(False)
+        self.training = False     # what runs was captured in eval mode (an exported module refuses train())
+        return self
 
     def _record_guards(self, args, kwargs) -> None:
         """Run the model once eagerly, recording the plain attributes its forward reads (guards.py);
@@ -191,8 +227,7 @@ class SparseModule(nn.Module):
         return p.device if p is not None else torch.device("cpu")
 
     def _say(self, msg: str) -> None:
-        if self.verbose:
-            print(f"[sparsify] {msg}", file=sys.stderr, flush=True)
+        self._progress(msg)
 
     def _cast_inputs(self, args, kwargs):
         dev, dt = self.config.device, self.config.torch_dtype
@@ -258,6 +293,7 @@ class SparseModule(nn.Module):
         self.config.check_overrides_match(sorted(named))
         if self._given_plan is None:
             self.plan = Plan(plans)
+        self.plan.error_measure = _measure_words(self.config)
         if others:
             self.plan.notes.append(f"{len(others)} calibration batch(es) of other shapes than the example gave "
                                    f"statistics only; errors and times are measured on the {len(batches)} "
@@ -276,10 +312,11 @@ class SparseModule(nn.Module):
             self._verify_and_roll_back(cap, batches, dense, build)
             self._check_model_speed(cap, batches, dense, build)
         else:
-            self._record_error(output_error(dense, self._run_all(cap.root, batches)))
+            self._record_error(self._error(dense, self._run_all(cap.root, batches)))
         self._pass_through_if_dense(cap)
         self._compiled[_signature(args, kwargs)] = cap
         self.capture_info = cap
+        self.compiled = cap.root      # registered: state_dict() holds the packed buffers of the sparse sites
         self.pass_seconds = timing.seconds
         for ctx in contexts.values():
             for k, v in ctx.rule_counts.items():
@@ -324,6 +361,8 @@ class SparseModule(nn.Module):
                         raise ValueError(f"plan entry {key!r} ({lp.family}, weight {lp.weight_shape}) does not "
                                          f"match this model's site ({site.family}, weight {site.weight_shape})")
                     ctx.state.plans[key] = lp
+                    if key in self._given_prepared:
+                        ctx.state.prepared[key] = self._given_prepared[key]
                     site.node(snapshots[prefix]).meta[ir.PLAN] = lp
                     taken.add(key)
         missing = [k for k in plan if k not in taken]
@@ -350,7 +389,7 @@ class SparseModule(nn.Module):
         budget = self.config.max_error
         self._say("verify against dense")
         while True:
-            err = output_error(dense, self._run_all(cap.root, batches))
+            err = self._error(dense, self._run_all(cap.root, batches))
             self._record_error(err)
             # Config.force skips the speed check, not the error budget: forced layers roll back too.
             sparse = self.plan.sparse_layers()
@@ -362,6 +401,9 @@ class SparseModule(nn.Module):
                             f"sparse (layer error {worst.layer_error:.3g}, the largest); was: {worst.reason}")
             self._say(f"roll back {worst.fqn} (model error {err:.3g} > {budget})")
             build()
+
+    def _error(self, dense, outs) -> float:
+        return model_error(dense, outs, self.config.metric, self.config.output)
 
     def _record_error(self, err: float) -> None:
         self.plan.model_error = err
@@ -404,7 +446,7 @@ class SparseModule(nn.Module):
             self._say(why)
             build()
             # fewer sparse layers, another model error (pruned channels, if any, still count)
-            self._record_error(output_error(dense, self._run_all(cap.root, batches)))
+            self._record_error(self._error(dense, self._run_all(cap.root, batches)))
             if len(drop) == len(sparse):
                 return
 

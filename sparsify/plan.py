@@ -115,6 +115,7 @@ class Plan:
         self.model_dense_ms: float | None = None    # end-to-end times from the model-level check
         self.model_sparse_ms: float | None = None
         self.model_speedup: float | None = None     # dense / compiled, median of interleaved rounds
+        self.error_measure = "relative L2 of every floating output"   # what model_error and max_error measure
 
     def __getitem__(self, fqn: str) -> LayerPlan:
         """The site planned under this key, or the site that covers layer `fqn` (a channel group)."""
@@ -144,7 +145,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"version": PLAN_VERSION, "model_error": self.model_error, "notes": list(self.notes),
                 "model_dense_ms": self.model_dense_ms, "model_sparse_ms": self.model_sparse_ms,
-                "model_speedup": self.model_speedup,
+                "model_speedup": self.model_speedup, "error_measure": self.error_measure,
                 "layers": [lp.to_dict() for lp in self.layers.values()]}
 
     @classmethod
@@ -159,6 +160,7 @@ class Plan:
         plan = cls({lp.fqn: lp for lp in layers}, d.get("model_error"), d.get("notes"))
         plan.model_dense_ms, plan.model_sparse_ms = d.get("model_dense_ms"), d.get("model_sparse_ms")
         plan.model_speedup = d.get("model_speedup")
+        plan.error_measure = d.get("error_measure", plan.error_measure)
         return plan
 
     def to_json(self, path=None) -> str:

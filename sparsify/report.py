@@ -34,7 +34,7 @@ def plan_table(plan: Plan) -> str:
     for lp in plan.layers.values():
         out.append(f"  {lp.fqn}: {lp.reason}")
     if plan.model_error is not None:
-        out.append(f"model output error vs dense (relative L2, calibration data): {plan.model_error:.3e}")
+        out.append(f"model output error vs dense ({plan.error_measure}, calibration data): {plan.model_error:.3e}")
     if plan.model_dense_ms is not None:
         ratio = plan.model_speedup or plan.model_dense_ms / plan.model_sparse_ms
         out.append(f"end to end (first calibration batch, interleaved): dense {plan.model_dense_ms:.4f} ms, "

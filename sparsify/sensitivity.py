@@ -11,14 +11,14 @@ import torch
 import torch.fx as fx
 from torch.func import functional_call
 
-from .metrics import output_error
+from .metrics import model_error
 
 MAX_BATCHES = 4
 
 
 class ModelSensitivity:
-    def __init__(self, gm: fx.GraphModule, batches):
-        self.gm = gm
+    def __init__(self, gm: fx.GraphModule, batches, metric="rel_l2", output=None):
+        self.gm, self.metric, self.output = gm, metric, output
         self.batches = list(batches)[:MAX_BATCHES]
         self.chosen: dict[str, torch.Tensor] = {}
         with torch.no_grad():
@@ -29,7 +29,7 @@ class ModelSensitivity:
         with torch.no_grad():
             outs = [functional_call(self.gm, weights, args=a, kwargs=k, strict=False)
                     for a, k in self.batches]
-        return output_error(self.dense, outs)
+        return model_error(self.dense, outs, self.metric, self.output)
 
     def accept(self, substitute: dict[str, torch.Tensor]) -> None:
         self.chosen.update(substitute)

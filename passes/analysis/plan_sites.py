@@ -26,7 +26,7 @@ def plan_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     state.prepared.clear()
     sites = list(state.sites.values())
     if cfg.model_sensitivity and ctx.calibration and sites:
-        state.sensitivity = ModelSensitivity(gm, ctx.calibration)
+        state.sensitivity = ModelSensitivity(gm, ctx.calibration, cfg.metric, cfg.output)
     for fam in families():
         mine = [s for s in sites if s.family == fam.name]
         if mine:
