@@ -49,6 +49,7 @@ class KernelSpec:
     interpretable: bool = False   # a Triton kernel: also a candidate on CPU tensors under force_triton
     device_impls: dict = dataclasses.field(default_factory=dict)
     layouts: tuple = ("row",)     # activation layouts its op takes (schema argument `layout`; _common.LAYOUTS)
+    pack_params: tuple = ()       # the pattern's fields its pack reads besides the kept weights ("block")
 
     def __post_init__(self):
         if self.replaces not in ("linear", "conv2d"):

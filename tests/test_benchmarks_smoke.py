@@ -149,3 +149,14 @@ def test_bench_compile_writes_its_table_with_the_header(tmp_path, capsys):
     text = out.read_text()
     assert "| resnet | dense |" in text and "- load average: start" in text
     assert "| resnet | dense |" in capsys.readouterr().out
+
+
+def test_bench_cpu_smoke_runs_every_provider_correctly(tmp_path):
+    import bench_cpu
+
+    out = tmp_path / "cpu.md"
+    assert bench_cpu.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    for provider in ("torch-csr", "sparsify-csr", "sparsify-csr-fm", "sparsify-bsr-blocks", "demo LM"):
+        assert provider in text
+    assert "**WRONG**" not in text and "error:" not in text and "load average" in text

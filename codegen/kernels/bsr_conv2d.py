@@ -411,4 +411,4 @@ SPEC = KernelSpec(
            "SymInt[] stride, SymInt[] padding, SymInt[] dilation, Tensor? bias=None, Tensor? residual=None, "
            "str activation='none', ScalarType? out_dtype=None) -> Tensor",
     patterns=(Block,), replaces="conv2d", devices=("cuda",), interpretable=True,
-    impl=bsr_conv2d_host, pack=_pack, out_like=conv_out_like, version=KERNEL_VERSION)
+    impl=bsr_conv2d_host, pack=_pack, out_like=conv_out_like, version=KERNEL_VERSION, pack_params=("block",))

@@ -366,4 +366,4 @@ SPEC = KernelSpec(
     schema="(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, SymInt n_out, Tensor? bias=None, "
            "Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
     patterns=(Block,), replaces="linear", devices=("cuda",), interpretable=True,
-    impl=bsr_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)
+    impl=bsr_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION, pack_params=("block",))

@@ -138,12 +138,17 @@ def _check_indices(crow, col, k_in: int, check: Optional[bool]) -> None:
 _BETA_WARNING_SILENCED = [False]
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; no call at all when it already is (a no-op .to() still costs microseconds per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _csr_tensor(crow, col, values, compute: torch.dtype, n_out: int, k_in: int) -> torch.Tensor:
     if _BETA_WARNING_SILENCED[0]:
-        return torch.sparse_csr_tensor(crow, col, values.to(compute), size=(n_out, k_in), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col, _as(values, compute), size=(n_out, k_in), check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        w = torch.sparse_csr_tensor(crow, col, values.to(compute), size=(n_out, k_in), check_invariants=False)
+        w = torch.sparse_csr_tensor(crow, col, _as(values, compute), size=(n_out, k_in), check_invariants=False)
     _BETA_WARNING_SILENCED[0] = True
     return w
 
@@ -196,7 +201,7 @@ def csr_linear_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, valu
         activation_inplace(yt, activation)
         if residual is not None:
             yt.add_(residual.reshape(rows, n_out).t())
-        y = yt.to(out_dtype) if layout == "feature" else yt.t().to(out_dtype).contiguous().reshape(out_shape)
+        y = _as(yt, out_dtype) if layout == "feature" else _as(yt.t(), out_dtype).contiguous().reshape(out_shape)
     return out.copy_(y) if out is not None else y
 
 
@@ -210,10 +215,10 @@ def _csr_product_t(xt, crow, col, values, n_out: int, k_in: int, bias) -> torch.
     # See the module docstring: MKL has no half-precision CSR kernels.
     compute = xt.dtype if (xt.is_cuda or xt.dtype == torch.float32) else torch.float32
     w = _csr_tensor(crow, col, values, compute, n_out, k_in)
-    xt = xt.to(compute).contiguous()
+    xt = _as(xt, compute).contiguous()
     if bias is None:
         return torch.mm(w, xt)
-    return torch.addmm(bias.to(compute)[:, None], w, xt)
+    return torch.addmm(_as(bias, compute)[:, None], w, xt)
 
 
 def _dense_product(x, crow, col, values, n_out: int, k_in: int) -> torch.Tensor:

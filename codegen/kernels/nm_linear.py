@@ -582,4 +582,4 @@ SPEC = KernelSpec(
     schema="(Tensor x, Tensor values, Tensor meta, SymInt n_out, SymInt k_in, SymInt n, SymInt m, "
            "Tensor? bias=None, Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
     patterns=(NM,), replaces="linear", devices=("cuda",), interpretable=True,
-    impl=nm_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)
+    impl=nm_linear_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION, pack_params=("n", "m"))

@@ -37,6 +37,7 @@ def _check(x, bsr, bias=None, residual=None, activation="none", out_dtype=None):
 def test_shapes_and_both_paths(shape, block, dtype, batched, gen, monkeypatch):
     if batched:
         monkeypatch.setattr(bsr_blocks, "_LOOP_MAX", 0)   # where the shape allows it (K, N multiples of B)
+        monkeypatch.setattr(bsr_blocks, "_GATHER_MAX", 2 ** 40)
     m, k, n = shape
     density = (0.2, 0.5, 1.0)[(m + block) % 3]
     w, _ = make_weight(n, k, block, density, gen, dtype, "cpu", empty_row=0 if n > block else None)
@@ -49,6 +50,7 @@ def test_shapes_and_both_paths(shape, block, dtype, batched, gen, monkeypatch):
 def test_every_epilogue(activation, has_bias, has_residual, batched, gen, monkeypatch):
     if batched:
         monkeypatch.setattr(bsr_blocks, "_LOOP_MAX", 0)
+        monkeypatch.setattr(bsr_blocks, "_GATHER_MAX", 2 ** 40)
     m, k, n, block = 9, 64, 96, 32
     w, _ = make_weight(n, k, block, 0.4, gen, torch.float32, "cpu")
     bias = randn(n, generator=gen) if has_bias else None

@@ -127,3 +127,39 @@ def test_a_kernel_whose_output_is_wrong_is_never_a_candidate():
         assert lp.status == "dense"
         (cand,) = [c for c in lp.candidates if c.kernel == "doubling_csr"]
         assert "differs from the dense op on the same pruned weight" in cand.note
+
+
+def test_candidates_that_keep_the_same_weights_are_timed_once_unless_packed_differently():
+    from sparsify import Block
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 64)
+            with torch.no_grad():
+                self.fc.weight.zero_()
+                self.fc.weight[:32, :32] = torch.randn(32, 32)      # one 32-block, four 16-blocks
+
+        def forward(self, x):
+            return self.fc(x)
+
+    timed = []
+
+    class Recording(FakeCost):
+        def __init__(self):
+            super().__init__({"dense": 1.0, "bsr_blocks": 0.5, "csr_torch": 0.5})
+            inner = self.compare
+            self.compare = lambda entries, threshold=None: timed.extend(k for k, _ in entries) or inner(entries)
+
+    from sparsify.pipeline import PassContext, Pipeline
+    x = torch.randn(3, 64)
+    gm = sparsify.capture.capture(One(), (x,)).root
+    cands = (Block(32, 0.25), Block(16, 0.25), Unstructured(0.75), Unstructured(0.7501))
+    ctx = PassContext(Config(weight=Auto(), candidates=cands, max_error=10.0, max_layer_error=10.0),
+                      calibration=[((x,), {})], state=sparsify.CompileState(costs=Recording()))
+    Pipeline(["find_sites", "calibrate", "plan_sites"]).run(gm, ctx)
+    lp = ctx.state.plans["fc"]
+    blocks = [c for c in lp.candidates if c.kernel == "bsr_blocks"]
+    assert len(blocks) == 2 and all(c.time_ms is not None for c in blocks), "16- and 32-blocks pack differently"
+    csr = [c for c in lp.candidates if c.kernel == "csr_torch"]
+    assert len([c for c in csr if c.time_ms is not None]) == 1 and any("keeps the same weights" in c.note for c in csr)

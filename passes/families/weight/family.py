@@ -140,7 +140,10 @@ class WeightFamily(Family):
         with torch.no_grad():
             for pattern in patterns:
                 for t in self._trials(view, info, pattern, x, b_dev, dense_out, norm, shape_key, epi, residual, ctx):
-                    same = seen.setdefault((t.candidate.kernel, t.params.get("mask_digest")), t.candidate.pattern)
+                    pat = t.candidate.pattern   # and what the kernel's packing reads of the pattern
+                    spec = registry.specs().get(t.candidate.kernel)
+                    packing = tuple(getattr(pat, f, None) for f in (spec.pack_params if spec else ()))
+                    same = seen.setdefault((t.candidate.kernel, t.params.get("mask_digest"), packing), pat)
                     if t.run is not None and same != t.candidate.pattern:
                         # another pattern that keeps exactly these weights: time it once
                         t.candidate.note, t.run = f"keeps the same weights as {same.describe()}", None

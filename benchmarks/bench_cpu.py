@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Sparse layers and whole models on the CPU: dense torch, torch's own CSR, and sparsify's CPU kernels.
+
+    python benchmarks/bench_cpu.py                    # per layer + the demo LM end to end
+    python benchmarks/bench_cpu.py --quick            # fewer shapes and token counts
+    python benchmarks/bench_cpu.py --smoke --no-write # tiny: exercises every provider
+
+Per layer, y = x @ W^T with x [M, K], W [N, K] (nn.Linear), random normal weights and inputs,
+masks from sparsify's criteria (magnitude over the layer, or whole blocks). Providers, timed
+interleaved in one run (ratios of minima):
+
+    dense         F.linear(x, W, b)                                   (MKL sgemm)
+    torch-csr     (W_csr @ x^T)^T + b, W_csr = W.to_sparse_csr()       (torch's CSR path as a user writes it)
+    sparsify-csr  sparsify::csr_linear, token-major in and out         (MKL CSR, bias in the multiply, int32)
+    sparsify-csr-fm  sparsify::csr_linear on x^T, layout "feature"     (inside a chain of sparse layers)
+    sparsify-bsr-blocks  sparsify::bsr_blocks_linear                   (block patterns: a dense product per block)
+
+Whole model: the built-in demo LM (sparsify.models.tiny_lm, 64-block FFN pruning at 90%), compiled
+by sparsify.compile with Auto from a fresh cost cache, against the dense model, interleaved rounds.
+Every output is checked against float32 F.linear on the masked weight (WRONG above --tol).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import harness as H  # noqa: E402
+
+H.import_sparsify()
+
+SHAPES = ((768, 3072), (3072, 768), (256, 1024), (1024, 256))   # (K, N): BERT-base FFN, the demo LM's FFN
+QUICK_SHAPES = ((768, 3072), (256, 1024))
+MS = (1, 16, 128, 512)
+QUICK_MS = (1, 128, 512)
+SPARSITIES = (0.5, 0.75, 0.9, 0.95)
+BLOCKS = ((32, 0.25), (64, 0.1))                                  # (block, density)
+SMOKE = dict(shapes=((64, 96),), ms=(1, 5), sparsities=(0.9,), blocks=((32, 0.5),))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; checks code paths, times mean little")
+    p.add_argument("--M", type=H.ints, default=None)
+    p.add_argument("--sparsities", type=H.floats, default=None)
+    p.add_argument("--no-model", action="store_true", help="per layer only")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--tol", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results markdown (default benchmarks/results/<device>-cpu.md)")
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args(argv)
+
+
+def _csr_parts(w):
+    from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
+
+    crow, col, values = csr_parts(pack_csr(w))
+    return crow.int(), col.int(), values
+
+
+def layer_providers(x, w_masked, b, pattern: str, block: int | None):
+    """The providers of one (shape, M, pattern) case, all on the same masked weight."""
+    from sparsify.codegen.kernels.bsr_linear import pack_bsr
+
+    n, k = w_masked.shape
+    ref = lambda: F.linear(x, w_masked, b)  # noqa: E731
+    w_dense = w_masked.clone()
+    out = [H.Provider("dense", lambda: F.linear(x, w_dense, b), "dense", ref=ref, baseline=True)]
+    if block is None:
+        wc = w_masked.to_sparse_csr()
+        crow, col, values = _csr_parts(w_masked)
+        xt = x.t().contiguous()
+        out += [
+            H.Provider("torch-csr", lambda: (wc @ x.t()).t() + b, pattern, ref=ref),
+            H.Provider("sparsify-csr", lambda: torch.ops.sparsify.csr_linear(x, crow, col, values, n, k, bias=b),
+                       pattern, ref=ref),
+            H.Provider("sparsify-csr-fm", lambda: torch.ops.sparsify.csr_linear(xt, crow, col, values, n, k,
+                                                                                 "feature", bias=b),
+                       pattern, ref=ref, out=lambda y: y.t(), note="x^T given, y^T returned (inside a chain)"),
+        ]
+    else:
+        pk = pack_bsr(w_masked, block)
+        out.append(H.Provider("sparsify-bsr-blocks",
+                              lambda: torch.ops.sparsify.bsr_blocks_linear(x, pk.values, pk.row_ptr, pk.col_idx, n, b),
+                              pattern, ref=ref, note=f"{pk.nnzb} blocks of {block}"))
+    return out
+
+
+def run_layers(args, timer, table, results):
+    from sparsify.passes.analysis import criteria
+
+    gen = torch.Generator().manual_seed(args.seed)
+    shapes = SMOKE["shapes"] if args.smoke else (QUICK_SHAPES if args.quick else SHAPES)
+    ms = args.M or (SMOKE["ms"] if args.smoke else (QUICK_MS if args.quick else MS))
+    sparsities = args.sparsities or (SMOKE["sparsities"] if args.smoke else SPARSITIES)
+    blocks = SMOKE["blocks"] if args.smoke else BLOCKS
+    for k, n in shapes:
+        w = torch.randn(n, k, generator=gen) / k ** 0.5
+        b = torch.randn(n, generator=gen)
+        scores = w.abs()
+        cases = [(f"unstructured {s:g}", w * criteria.unstructured_mask(scores, s, per_row=False), None)
+                 for s in sparsities]
+        cases += [(f"block{bl} d={d:g}", w * criteria.block_mask(scores, bl, d), bl) for bl, d in blocks]
+        for m in ms:
+            x = torch.randn(m, k, generator=gen)
+            for pattern, wm, block in cases:
+                rows = H.run_case({"shape": f"{k}->{n}", "M": m}, layer_providers(x, wm, b, pattern, block),
+                                  timer, args.tol)
+                for row in table.add(rows):
+                    print(table.line(row), flush=True)
+                results.progress(table.markdown, table.rows)
+
+
+def run_model(args, device):
+    """The demo LM: dense vs sparsify.compile(Auto), cold cost cache, interleaved rounds."""
+    import os
+
+    import sparsify
+    from sparsify.models import lm_inputs, tiny_lm
+    from sparsify.timing import compare_rounds
+
+    os.environ["SPARSIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsify-cost-")
+    batch, seq = (1, 16) if args.smoke else (4, 128)
+    model = tiny_lm(ffn_sparsity=0.9, **({"d": 64, "ffn": 256, "heads": 2} if args.smoke else {}))
+    x = lm_inputs(batch, seq, vocab=512)
+    calib = [lm_inputs(batch, seq, seed=s) for s in (1, 2)]
+    sm = sparsify.compile(model, (x,), sparsify.Config(), calibration_data=calib, progress=False)
+    dense, compiled = compare_rounds([lambda: model(x), lambda: sm(x)], device, max(1, args.repeats // 4))
+    with torch.no_grad():
+        err = float((sm(x) - model(x)).norm() / model(x).norm())
+    changed = ", ".join(f"{lp.fqn} ({lp.kernel} {lp.speedup:.2f}x)" for lp in sm.plan.sparse_layers()) or "none"
+    return [["demo LM", f"{batch}x{seq}", H.fmt_ms(dense.ms), H.fmt_ms(compiled.ms), H.fmt_ratio(compiled.ratio),
+             f"{err:.1e}", changed]]
+
+
+def main(argv=None) -> int:
+    from sparsify.codegen import registry
+
+    registry.specs()   # imports every kernel file: their ops exist from here on
+    args = parse_args(argv)
+    device = torch.device("cpu")
+    timer = H.Timer(device, repeats=args.repeats)
+    env = H.Environment(device, [("timing", timer.description),
+                                 ("reference", f"float32 F.linear on the masked weight; WRONG above {args.tol:g}")])
+    path = H.results_path(device, "-cpu", args.out, smoke=args.smoke, no_write=args.no_write)
+    results = H.Results(path, f"bench_cpu: {env.info['device']}", env)
+    print(env.banner(), flush=True)
+    table = H.ProviderTable((("shape (K->N)", "shape"), ("M", "M")), args.tol)
+    run_layers(args, timer, table, results)
+    body = table.markdown()
+    if not args.no_model:
+        rows = run_model(args, device)
+        body += "\n\nWhole model (sparsify.compile, Auto, fresh cost cache; dense and compiled interleaved rounds):\n\n"
+        body += H.markdown_table(("model", "batch x seq", "dense ms", "compiled ms", "speedup", "rel err",
+                                  "sparse sites"), rows, "llrrrll")
+    results.finish("bench_cpu", body, table.rows, table.summary())
+    return 1 if table.counts()["WRONG"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
