@@ -99,3 +99,25 @@ def test_a_container_that_is_never_called_has_its_children_captured():
     cap = sparsify.capture.capture(Stack(), (_x(),))
     assert [p.prefix for p in cap.parts] == ["layers.0", "layers.1"]
     assert any("container" in f.reason for f in cap.failures if f.prefix == "layers")
+
+
+def test_a_pattern_that_changes_nothing_is_not_a_candidate():
+    """Block(64) on a 16x48 layer keeps its one block whole: sparsity 0, no kernel timed, no speedup."""
+    model = nn.Sequential(nn.Linear(16, 48))
+    sm = sparsify.compile(model, (_x(),), Config(weight=sparsify.Block(64, 0.25), force=True, timing_repeats=1))
+    lp = sm.plan["0"]
+    assert lp.status == "dense" and lp.speedup is None, lp.reason
+    assert all(c.time_ms is None for c in lp.candidates)
+    assert any("keeps every weight" in c.note for c in lp.candidates)
+
+
+def test_channel_pruning_stays_within_the_error_budget():
+    from tests.helpers import MLP, mlp_input
+
+    x = mlp_input(8)
+    loose = sparsify.compile(MLP(), (x,), Config(weight=sparsify.Channel(0.5), max_error=10.0, timing_repeats=1))
+    assert loose.plan.model_error > 0.05 and loose.plan.sparse_layers()
+    tight = sparsify.compile(MLP(), (x,), Config(weight=sparsify.Channel(0.5), max_error=0.05, timing_repeats=1))
+    assert tight.plan.model_error <= 0.05
+    rolled = [lp for lp in tight.plan.layers.values() if lp.status == "rolled_back"]
+    assert rolled and all("max_error 0.05" in lp.reason for lp in rolled)

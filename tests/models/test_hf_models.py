@@ -389,3 +389,22 @@ def test_resnet_batchnorm_folds_exactly_and_relus_fuse_into_sparse_convs():
     from sparsify.metrics import output_error
 
     assert abs(output_error([ref], [out]) - sm.plan.model_error) <= 1e-4
+
+
+def test_opt_with_its_default_cache_has_its_decoder_layers_planned():
+    """HF OPT returns a DynamicCache by default, which export cannot take: the model falls back to
+    per-child capture, through the never-called `decoder.layers` ModuleList to the layers' Linears."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                    max_position_embeddings=64, word_embed_proj_dim=64)
+    model = OPTForCausalLM(cfg).eval()
+    ids = _ids(2, 9, 0)
+    sm = sparsify.compile(model, (ids,), sparsify.Config(weight=sparsify.Unstructured(0.5), force=True,
+                                                          max_error=10.0, check_model_speed=False, timing_repeats=1))
+    planned = {lp.fqn for lp in sm.plan.sparse_layers()}
+    assert {"model.decoder.layers.0.fc1", "model.decoder.layers.1.fc2",
+            "model.decoder.layers.0.self_attn.q_proj"} <= planned
+    with torch.no_grad():
+        out, ref = sm(ids), model(ids)
+    assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
