@@ -275,7 +275,7 @@ def _pick(feasible: list[Trial], auto: bool, ctx) -> Trial | None:
     """Fastest feasible trial whose accumulated model error stays within max_error (Auto); an explicit
     pattern takes its fastest kernel, and verification enforces the budget."""
     sens = ctx.state.sensitivity
-    for trial in sorted(feasible, key=_rank):
+    for trial in _ranked(feasible):
         if sens is not None and trial.substitute is not None:
             trial.candidate.model_error = sens.error(trial.substitute)
             if auto and trial.candidate.model_error > ctx.config.max_error:
@@ -285,14 +285,25 @@ def _pick(feasible: list[Trial], auto: bool, ctx) -> Trial | None:
     return None
 
 
-# Speedups closer than this are a tie (round-to-round noise on a shared CPU is of this order): ties go to
-# the smaller layer error, then to the earlier candidate, so the same model plans the same way twice.
-TIE = 0.08
+# Speedups within this fraction of the best are a tie (round-to-round noise on a shared CPU is of this
+# order): ties go to the smaller layer error, then to the earlier candidate, so the same model plans
+# the same way twice.
+TIE = 0.10
 
 
-def _rank(trial: Trial):
-    c = trial.candidate
-    return (-round(c.speedup / TIE), c.layer_error if c.layer_error is not None else 0.0)
+def _ranked(trials: list[Trial]) -> list[Trial]:
+    """Fastest first, where 'fastest' is a tie band below the best speedup, ordered by error then by
+    candidate order; the same again for what is left."""
+    rest, out = list(enumerate(trials)), []
+    while rest:
+        best = max(t.candidate.speedup for _, t in rest)
+        band = [(i, t) for i, t in rest if t.candidate.speedup >= best * (1 - TIE)]
+        band.sort(key=lambda it: (it[1].candidate.layer_error if it[1].candidate.layer_error is not None else 0.0,
+                                  it[0]))
+        out += [t for _, t in band]
+        taken = {i for i, _ in band}
+        rest = [(i, t) for i, t in rest if i not in taken]
+    return out
 
 
 def _why_dense(lp: LayerPlan, requested: Pattern, cfg) -> str:
