@@ -1,0 +1,131 @@
+"""Generated CPU kernels (csr_cpu): against a float64 reference on odd shapes and sparsity patterns,
+every epilogue, fp32 and bf16, both layouts, poisoned outputs; the build cache; no compiler."""
+import zlib
+
+import pytest
+import torch
+
+from kernel_utils import TOLERANCE, poison, randn, rel_l2
+from sparsify.codegen import cpu_build, registry
+from sparsify.codegen.epilogue import ACTIVATIONS
+from sparsify.codegen.kernels import csr_cpu
+from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
+
+pytestmark = pytest.mark.skipif(cpu_build.compiler() is not None, reason=f"no C compiler: {cpu_build.compiler()}")
+DTYPES = (torch.float32, torch.bfloat16)
+# token counts that exercise every path: one token, the scalar tail, one- and two-vector tiles, full tiles
+TOKENS = (1, 3, 9, 17, 37, 70, 130)
+
+
+@pytest.fixture
+def gen(request):
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _weight(n, k, sparsity, gen, special=True):
+    """Random sparsity, plus the rows a kernel gets wrong first: empty, full, a single nonzero."""
+    w = randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= sparsity)
+    if special and n >= 3:
+        w[0] = 0
+        w[1] = randn(k, generator=gen)
+        w[2] = 0
+        w[2, k // 2] = 1.5
+    return w
+
+
+def _run(x, w, dtype, layout, bias, residual, activation, out_dtype=None):
+    n, k = w.shape
+    crow, col, values = csr_parts(pack_csr(w))
+    crow, col, values = crow.int(), col.int(), values.to(dtype)
+    lead, m = x.shape[:-1], x[..., 0].numel()
+    xin = x.to(dtype) if layout == "row" else x.reshape(m, k).t().contiguous().to(dtype)
+    out_dtype = out_dtype or dtype
+    shape = tuple(lead) + (n,) if layout == "row" else (n, m)
+    out = poison(torch.empty(shape, dtype=out_dtype))
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    got = csr_cpu.csr_cpu_generated(xin, crow, col, values, n, k, layout, cast(bias), cast(residual), activation,
+                                    out_dtype, out=out)
+    assert got is out
+    d = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+    ref = csr_cpu.csr_cpu_reference(d(x), crow, col, values.double(), n, k, "row", d(bias), d(residual), activation)
+    got_rows = got if layout == "row" else got.t().reshape(ref.shape)
+    err = rel_l2(got_rows, ref)
+    assert err <= TOLERANCE[out_dtype], f"rel_l2 {err:.3g} > {TOLERANCE[out_dtype]}"
+
+
+@pytest.mark.parametrize("layout", ["row", "feature"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", TOKENS)
+def test_token_counts_and_odd_shapes(m, dtype, layout, gen):
+    n, k = 45, 71
+    w = _weight(n, k, 0.8, gen)
+    _run(randn(m, k, generator=gen), w, dtype, layout, randn(n, generator=gen), None, "none")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("has_bias,has_residual", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("layout", ["row", "feature"])
+def test_every_epilogue(activation, has_bias, has_residual, layout, gen):
+    n, k, m = 33, 40, 21
+    w = _weight(n, k, 0.7, gen)
+    bias = randn(n, generator=gen) if has_bias else None
+    residual = randn(m, n, generator=gen) if has_residual else None
+    _run(randn(m, k, generator=gen), w, torch.float32, layout, bias, residual, activation)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95, 1.0])
+def test_densities_from_full_to_empty(sparsity, gen):
+    w = _weight(64, 48, sparsity, gen, special=False)
+    x = randn(2, 7, 48, generator=gen)                   # leading dims are tokens too
+    _run(x, w, torch.float32, "row", randn(64, generator=gen), randn(2, 7, 64, generator=gen), "gelu")
+
+
+def test_bf16_in_fp32_out_and_fp32_in_bf16_out(gen):
+    w = _weight(24, 40, 0.6, gen)
+    _run(randn(19, 40, generator=gen), w, torch.bfloat16, "row", None, None, "silu", out_dtype=torch.float32)
+    _run(randn(19, 40, generator=gen), w, torch.float32, "feature", None, None, "relu", out_dtype=torch.bfloat16)
+
+
+def test_a_second_build_of_the_same_source_is_a_cache_hit(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
+    src, name = csr_cpu.cpu_csr_source.source(7, 9, "float32", "float32", "relu", True, False, True)
+    before = dict(cpu_build.BUILD_STATS)
+    cpu_build.build(src, name)
+    assert cpu_build.BUILD_STATS["built"] == before["built"] + 1
+    monkeypatch.setattr(cpu_build, "_LOADED", {})       # a new process: only the disk cache is left
+    cpu_build.build(src, name)
+    assert cpu_build.BUILD_STATS["built"] == before["built"] + 1 and cpu_build.BUILD_STATS["loaded"] == before["loaded"] + 1
+    assert len(list(tmp_path.glob("cpu/*.so"))) == 1
+
+
+def test_without_a_compiler_the_kernel_is_not_a_candidate_and_says_why(monkeypatch):
+    from sparsify.patterns import Unstructured
+
+    monkeypatch.setenv("SPARSIFY_CC", "/nonexistent/cc")
+    cpu_build._compiler.cache_clear()
+    try:
+        why = cpu_build.compiler()
+        assert why is not None and "/nonexistent/cc" in why
+        ok, why_not = registry.kernels_for(Unstructured(0.5), torch.device("cpu"), torch.float32, (8, 8))
+        assert "csr_cpu" not in [s.name for s in ok]
+        assert "need a C compiler" in why_not["csr_cpu"]
+    finally:
+        cpu_build._compiler.cache_clear()
+
+
+def test_checks_name_the_argument(gen):
+    w = _weight(8, 16, 0.5, gen)
+    crow, col, values = csr_parts(pack_csr(w))
+    x = randn(3, 16, generator=gen)
+    with pytest.raises(TypeError, match="int32 indices"):
+        csr_cpu.csr_cpu_generated(x, crow, col, values, 8, 16)
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        csr_cpu.csr_cpu_generated(x.half(), crow.int(), col.int(), values.half(), 8, 16)
+    with pytest.raises(ValueError, match="x must be"):
+        csr_cpu.csr_cpu_generated(randn(3, 15, generator=gen), crow.int(), col.int(), values, 8, 16)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+def test_activations_saturate_without_nans_on_large_inputs(activation, gen):
+    w = _weight(16, 24, 0.5, gen) * 40                   # pre-activations of several hundred
+    _run(randn(11, 24, generator=gen), w, torch.float32, "feature", None, None, activation)
