@@ -13,14 +13,15 @@ dtype) and where it stores (feature-major y^T [N, M] or token-major y [M, N]). W
 - the tail of the tokens in tiles of 2 and 1 vectors, then scalar; one token (M == 1) is a sparse
   dot product per row;
 - the epilogue on the finished tile: + bias (the accumulator's start), activation, + residual
-  (token-major [M, N]), rounded once to the output type at the store.
+  (token-major [M, N]), rounded once to the output type at the store; a token-major store gathers
+  RB rows' tiles in a small buffer first, so each token receives RB adjacent values, not a scatter.
 
 `source(...)` returns the C text; codegen/cpu_build.py builds and caches it. Bump TEMPLATE_VERSION
 when the generated code changes: it is part of every generated kernel's cost-cache key.
 """
 from __future__ import annotations
 
-TEMPLATE_VERSION = "cpu-csr-2"
+TEMPLATE_VERSION = "cpu-csr-3"
 
 _TYPES = {"float32": ("float", "f32"), "bfloat16": ("uint16_t", "bf16")}
 
@@ -94,21 +95,23 @@ static inline tout out_(float f) {   /* round to nearest even, once, at the stor
 
 _BODY = r"""
 #define N_OUT {n}
+#define OUT_ROW {out_row}
+#define RB 16          /* token-major stores: rows gathered per block, so a token gets RB adjacent values */
 static inline float act_(float v) {{ {act} }}
 
-/* the epilogue of `cnt` tokens from m0 of row n, their sums in acc[] */
-static inline void finish(int n, int64_t m0, int cnt, float* acc, const tin* res, tout* y, int64_t M) {{
+/* the epilogue of `cnt` tokens from m0 of row n, their sums in acc[]: stored to dst[t * stride] */
+static inline void finish(int n, int64_t m0, int cnt, float* acc, const tin* res, tout* dst, int stride) {{
   #pragma omp simd
   for (int t = 0; t < cnt; t++) {{
     float v = act_(acc[t]);
     {residual}
-    {store}
+    dst[t * stride] = out_(v);
   }}
 }}
 
 #define TILE(W) \
-static inline void tile##W(int n, int64_t m0, const int32_t* rp, const int32_t* col, const tin* val, const tin* x, \
-                           float b, const tin* res, tout* y, int64_t M) {{ \
+static inline void tile##W(int n, int64_t m0, int cnt, const int32_t* rp, const int32_t* col, const tin* val, \
+                           const tin* x, float b, const tin* res, tout* dst, int stride, int64_t M) {{ \
   vf acc[W]; \
   for (int i = 0; i < W; i++) acc[i] = (vf){{0}} + b; \
   for (int32_t p = rp[n]; p < rp[n + 1]; p++) {{ \
@@ -117,14 +120,14 @@ static inline void tile##W(int n, int64_t m0, const int32_t* rp, const int32_t* 
     for (int i = 0; i < W; i++) acc[i] += w * vin_(xr + VW * i); \
   }} \
   float out[W * VW]; memcpy(out, acc, sizeof out); \
-  finish(n, m0, W * VW, out, res, y, M); \
+  finish(n, m0, W * VW, out, res, dst, stride); \
 }}
 TILE(NV)
 TILE(2)
 TILE(1)
 
-static inline void tail(int n, int64_t m0, int cnt, const int32_t* rp, const int32_t* col, const tin* val,
-                        const tin* x, float b, const tin* res, tout* y, int64_t M) {{
+static inline void tileS(int n, int64_t m0, int cnt, const int32_t* rp, const int32_t* col, const tin* val,
+                         const tin* x, float b, const tin* res, tout* dst, int stride, int64_t M) {{
   float acc[VW];
   for (int t = 0; t < cnt; t++) acc[t] = b;
   for (int32_t p = rp[n]; p < rp[n + 1]; p++) {{
@@ -132,7 +135,7 @@ static inline void tail(int n, int64_t m0, int cnt, const int32_t* rp, const int
     const tin* xr = x + (int64_t)col[p] * M + m0;
     for (int t = 0; t < cnt; t++) acc[t] += w * in_(xr[t]);
   }}
-  finish(n, m0, cnt, acc, res, y, M);
+  finish(n, m0, cnt, acc, res, dst, stride);
 }}
 
 static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose start is >= target */
@@ -141,15 +144,29 @@ static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose sta
   return lo;
 }}
 
-/* y = epilogue(W @ x^T): x [K, M] feature-major; y as the variant stores it */
+/* the rows [r0, r1) for the `cnt` tokens from m0, with one tile function */
+#if OUT_ROW
+#define ROWS(TILEFN, CNT) \
+  for (int n0 = r0; n0 < r1; n0 += RB) {{ \
+    int nr = r1 - n0 < RB ? r1 - n0 : RB; \
+    for (int j = 0; j < nr; j++) TILEFN(n0 + j, m0, CNT, rp, col, val, x, BIAS(n0 + j), res, buf + j, RB, M); \
+    for (int t = 0; t < (CNT); t++) memcpy(y + (m0 + t) * N_OUT + n0, buf + t * RB, nr * sizeof(tout)); \
+  }}
+#else
+#define ROWS(TILEFN, CNT) \
+  for (int n = r0; n < r1; n++) TILEFN(n, m0, CNT, rp, col, val, x, BIAS(n), res, y + (int64_t)n * M + m0, 1, M);
+#endif
+#define BIAS(n) {bias_n}
+
+/* y = epilogue(W @ x^T): x [K, M] feature-major; y feature-major [N, M], or token-major [M, N] */
 void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x, const tin* bias,
             const tin* res, tout* y, int64_t M, int nthreads) {{
   if (M == 1) {{
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
     for (int n = 0; n < N_OUT; n++) {{
-      float s = {bias_n};
+      float s = BIAS(n);
       for (int32_t p = rp[n]; p < rp[n + 1]; p++) s += in_(val[p]) * in_(x[col[p]]);
-      finish(n, 0, 1, &s, res, y, 1);
+      finish(n, 0, 1, &s, res, y + n, 1);
     }}
     return;
   }}
@@ -158,15 +175,13 @@ void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x,
     int T = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t nnz = rp[N_OUT];
     int r0 = t == 0 ? 0 : row_at(rp, nnz * t / T), r1 = t == T - 1 ? N_OUT : row_at(rp, nnz * (t + 1) / T);
+    tout buf[MT * RB];
+    (void)buf;
     int64_t m0 = 0;
-    for (; m0 + MT <= M; m0 += MT)
-      for (int n = r0; n < r1; n++) tile{nv}(n, m0, rp, col, val, x, {bias_n}, res, y, M);
-    for (; m0 + 2 * VW <= M; m0 += 2 * VW)
-      for (int n = r0; n < r1; n++) tile2(n, m0, rp, col, val, x, {bias_n}, res, y, M);
-    for (; m0 + VW <= M; m0 += VW)
-      for (int n = r0; n < r1; n++) tile1(n, m0, rp, col, val, x, {bias_n}, res, y, M);
-    if (m0 < M)
-      for (int n = r0; n < r1; n++) tail(n, m0, (int)(M - m0), rp, col, val, x, {bias_n}, res, y, M);
+    for (; m0 + MT <= M; m0 += MT) {{ ROWS(tileNV, MT) }}
+    for (; m0 + 2 * VW <= M; m0 += 2 * VW) {{ ROWS(tile2, 2 * VW) }}
+    for (; m0 + VW <= M; m0 += VW) {{ ROWS(tile1, VW) }}
+    if (m0 < M) {{ int rest = (int)(M - m0); ROWS(tileS, rest) }}
   }}
 }}
 """
@@ -189,9 +204,8 @@ def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
     name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, out_row)
-    store = "y[(m0 + t) * N_OUT + n] = out_(v);" if out_row else "y[(int64_t)n * M + m0 + t] = out_(v);"
     residual = "v += in_(res[(m0 + t) * N_OUT + n]);" if has_residual else ""
-    body = _BODY.format(n=n, act=_ACTIVATIONS[activation], residual=residual, store=store, name=name, nv="NV",
+    body = _BODY.format(n=n, act=_ACTIVATIONS[activation], residual=residual, name=name, out_row=int(out_row),
                         bias_n="in_(bias[n])" if has_bias else "0.f")
     # a comment naming the variant and K: K is not needed by the code, but a layer of another K must
     # not share a cached build whose name says otherwise
