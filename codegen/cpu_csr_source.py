@@ -21,16 +21,17 @@ when the generated code changes: it is part of every generated kernel's cost-cac
 """
 from __future__ import annotations
 
-TEMPLATE_VERSION = "cpu-csr-3"
+TEMPLATE_VERSION = "cpu-csr-7"
 
-_TYPES = {"float32": ("float", "f32"), "bfloat16": ("uint16_t", "bf16")}
+_TYPES = {"float32": "f32", "bfloat16": "bf16"}                 # inputs (x, values, bias, residual)
+_OUT_TYPES = {**_TYPES, "float16": "f16"}                        # outputs: also a cast to fp16
 
-_ACTIVATIONS = {
+_ACTIVATIONS = {   # on a vector v of VW values
     "none": "return v;",
-    "relu": "return v > 0.f ? v : 0.f;",
-    "gelu": "return 0.5f * v * (1.f + erf_(v * 0.70710678118654752f));",
-    "gelu_tanh": "return 0.5f * v * (1.f + tanh_(0.7978845608028654f * (v + 0.044715f * v * v * v)));",
-    "silu": "return v / (1.f + expf(fminf(-v, 80.f)));",
+    "relu": "return vmax(v, vsplat(0.f));",
+    "gelu": "return 0.5f * v * (1.f + verf(v * 0.70710678118654752f));",
+    "gelu_tanh": "return 0.5f * v * (1.f + vtanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));",
+    "silu": "return v / (1.f + vexp(-v));",
 }
 
 _HEADER = r"""
@@ -41,27 +42,49 @@ _HEADER = r"""
 
 #if defined(__AVX512F__)
 #define VW 16
-#define NV 4
 #elif defined(__AVX__)
 #define VW 8
-#define NV 8
 #else
 #define VW 4
-#define NV 8
+#endif
+#ifndef NV
+#define NV (64 / VW)   /* vectors per token tile: 64 tokens */
 #endif
 #define MT (NV * VW)
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 
-/* erf: Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7); tanh through exp: both vectorise with expf */
-static inline float erf_(float x) {
-  float s = x < 0.f ? -1.f : 1.f, a = fabsf(x), t = 1.f / (1.f + 0.3275911f * a);
-  float y = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  return s * (1.f - y * expf(-a * a));
+/* Vector math for the epilogue, written on GCC vector types so that it is always vectorised and
+   inlined: glibc's vector expf is a call per vector, and the erf GELU through it cost ~10 cycles an
+   element (more than torch's own GELU). C has no vector ?:, so selects are bit masks. */
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+static inline vf vsplat(float a) { return (vf){0} + a; }
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
+#define SIGN ((vi){0} + (int32_t)0x80000000)
+/* exp: n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], e^r by its Taylor series to r^6
+   (relative error < 2e-7), times 2^n built in the exponent bits; clamped where fp32 saturates
+   (-ffast-math assumes no infinities) */
+static inline vf vexp(vf x) {
+  x = vmin(vmax(x, vsplat(-87.f)), vsplat(88.f));
+  vf t = x * 1.44269504088896341f;
+  vi n = __builtin_convertvector(t + (vf)((vi)vsplat(0.5f) | ((vi)t & SIGN)), vi);
+  vf nf = __builtin_convertvector(n, vf);
+  vf r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  vf p = ((((((1.f / 720) * r + 1.f / 120) * r + 1.f / 24) * r + 1.f / 6) * r + 0.5f) * r + 1.f) * r + 1.f;
+  return p * (vf)((n + 127) << 23);
 }
-/* -ffast-math assumes no infinities: the exponents are clamped where the result has saturated */
-static inline float tanh_(float x) { x = fminf(fmaxf(x, -15.f), 15.f); return 1.f - 2.f / (expf(2.f * x) + 1.f); }
+/* erf: Abramowitz & Stegun 7.1.26, |error| < 1.5e-7 */
+static inline vf verf(vf x) {
+  vi sign = (vi)x & SIGN;
+  vf a = (vf)((vi)x & ~SIGN);
+  vf t = 1.f / (1.f + 0.3275911f * a);
+  vf y = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+  return (vf)((vi)(1.f - y * vexp(-a * a)) | sign);
+}
+static inline vf vtanh(vf x) { return 1.f - 2.f / (vexp(2.f * vmin(vmax(x, vsplat(-15.f)), vsplat(15.f))) + 1.f); }
 """
 
 _ELEMENT = {
@@ -83,6 +106,7 @@ static inline vf vin_(const tin* p) {
 
 _OUT = {
     "f32": "typedef float tout;\nstatic inline tout out_(float f) { return f; }\n",
+    "f16": "typedef _Float16 tout;\nstatic inline tout out_(float f) { return (_Float16)f; }\n",
     "bf16": r"""typedef uint16_t tout;
 static inline tout out_(float f) {   /* round to nearest even, once, at the store */
   uint32_t u; memcpy(&u, &f, 4);
@@ -95,30 +119,71 @@ static inline tout out_(float f) {   /* round to nearest even, once, at the stor
 
 _BODY = r"""
 #define N_OUT {n}
+#define K_IN {k}
+#define IN_ROW {in_row}
 #define OUT_ROW {out_row}
+#define PD 4           /* x prefetch distance in nonzeros: 2-4 measured best, 8 worse */
+#define WPD 128        /* weight prefetch distance in nonzeros, one request per 16 (a cache line of col) */
 #define RB 16          /* token-major stores: rows gathered per block, so a token gets RB adjacent values */
-static inline float act_(float v) {{ {act} }}
+static inline vf act_(vf v) {{ {act} }}
 
-/* the epilogue of `cnt` tokens from m0 of row n, their sums in acc[]: stored to dst[t * stride] */
+/* the epilogue of `cnt` tokens from m0 of row n, their sums in acc[] (room for a whole number of
+   vectors): the activation, the residual, stored to dst[t * stride] */
 static inline void finish(int n, int64_t m0, int cnt, float* acc, const tin* res, tout* dst, int stride) {{
+  for (int i = 0; i < cnt; i += VW) {{
+    vf v; memcpy(&v, acc + i, sizeof v); v = act_(v); memcpy(acc + i, &v, sizeof v);
+  }}
   #pragma omp simd
   for (int t = 0; t < cnt; t++) {{
-    float v = act_(acc[t]);
+    float v = acc[t];
     {residual}
     dst[t * stride] = out_(v);
   }}
 }}
 
+/* one token's values of the rows n0 .. n0 + cnt (cnt <= MT), in s[]: the epilogue, stored to dst */
+static inline void finish1(int n0, int cnt, float* s, const tin* res, tout* dst) {{
+  for (int i = 0; i < cnt; i += VW) {{
+    vf v; memcpy(&v, s + i, sizeof v); v = act_(v); memcpy(s + i, &v, sizeof v);
+  }}
+  for (int j = 0; j < cnt; j++) {{
+    float v = s[j];
+    {residual1}
+    dst[j] = out_(v);
+  }}
+}}
+
+/* The tokens go in tiles: MT wide, then 2 * VW, VW, and the rest. The tile of w tokens from m0 is
+   packed as [K][w] at xs + K * m0 (pack_in), so the x^T row a nonzero reads is w contiguous values,
+   and a tile's K rows are one contiguous run: strided rows of a wide x^T ([K, M] with M * 4 bytes
+   between rows) collide in the same cache sets and do not stay in L2. */
+static inline int tile_width(int64_t m0, int64_t M) {{
+  return m0 + MT <= M ? MT : m0 + 2 * VW <= M ? 2 * VW : m0 + VW <= M ? VW : (int)(M - m0);
+}}
+
+/* one nonzero's update of W vectors: acc += w * xt[col, 0 : W * VW] */
+#define STEP(W) {{ \
+    vf w = (vf){{0}} + in_(val[p]); \
+    const tin* xr = xt + (int64_t)col[p] * (W * VW); \
+    for (int i = 0; i < W; i++) acc[i] += w * vin_(xr + VW * i); \
+  }}
+/* The x^T rows a tile reads are scattered over K (one per nonzero), which the hardware prefetcher
+   does not follow: the row PD nonzeros ahead (this row's or the next row's) is requested now, for p
+   below `plim` = nnz - PD so that col[p + PD] exists. The weight stream is requested WPD ahead
+   without keeping it in the outer caches (it is read once per tile; x's tile is what must stay). */
 #define TILE(W) \
-static inline void tile##W(int n, int64_t m0, int cnt, const int32_t* rp, const int32_t* col, const tin* val, \
-                           const tin* x, float b, const tin* res, tout* dst, int stride, int64_t M) {{ \
+static inline void tile##W(int n, int cnt, const int32_t* rp, const int32_t* col, const tin* val, \
+                           const tin* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{ \
   vf acc[W]; \
   for (int i = 0; i < W; i++) acc[i] = (vf){{0}} + b; \
-  for (int32_t p = rp[n]; p < rp[n + 1]; p++) {{ \
-    vf w = (vf){{0}} + in_(val[p]); \
-    const tin* xr = x + (int64_t)col[p] * M + m0; \
-    for (int i = 0; i < W; i++) acc[i] += w * vin_(xr + VW * i); \
+  int32_t p = rp[n], pe = rp[n + 1], pm = pe < plim ? pe : plim; \
+  for (; p < pm; p++) {{ \
+    const char* ahead = (const char*)(xt + (int64_t)col[p + PD] * (W * VW)); \
+    for (int l = 0; l < (int)(W * VW * sizeof(tin)); l += 64) __builtin_prefetch(ahead + l); \
+    if ((p & 15) == 0) {{ __builtin_prefetch(val + p + WPD, 0, 0); __builtin_prefetch(col + p + WPD, 0, 0); }} \
+    STEP(W) \
   }} \
+  for (; p < pe; p++) STEP(W) \
   float out[W * VW]; memcpy(out, acc, sizeof out); \
   finish(n, m0, W * VW, out, res, dst, stride); \
 }}
@@ -126,13 +191,14 @@ TILE(NV)
 TILE(2)
 TILE(1)
 
-static inline void tileS(int n, int64_t m0, int cnt, const int32_t* rp, const int32_t* col, const tin* val,
-                         const tin* x, float b, const tin* res, tout* dst, int stride, int64_t M) {{
+static inline void tileS(int n, int cnt, const int32_t* rp, const int32_t* col, const tin* val,
+                         const tin* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{
   float acc[VW];
+  (void)plim;
   for (int t = 0; t < cnt; t++) acc[t] = b;
   for (int32_t p = rp[n]; p < rp[n + 1]; p++) {{
     float w = in_(val[p]);
-    const tin* xr = x + (int64_t)col[p] * M + m0;
+    const tin* xr = xt + (int64_t)col[p] * cnt;
     for (int t = 0; t < cnt; t++) acc[t] += w * in_(xr[t]);
   }}
   finish(n, m0, cnt, acc, res, dst, stride);
@@ -144,71 +210,111 @@ static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose sta
   return lo;
 }}
 
-/* the rows [r0, r1) for the `cnt` tokens from m0, with one tile function */
+/* x (feature-major [K, M], or token-major [M, K] with IN_ROW) -> the packed tiles in xs, inside the
+   parallel region; threads split K. Token-major input moves in 16 x 16 blocks, so both sides of a
+   block stay in cache (torch's x.t().contiguous() runs at ~2.5 GB/s here, which would cost more
+   than the sparse product of a 90% layer). */
+static void pack_in(const tin* x, tin* xs, int64_t M) {{
+  #pragma omp for schedule(static)
+  for (int k0 = 0; k0 < K_IN; k0 += 16) {{
+    int kn = K_IN - k0 < 16 ? K_IN - k0 : 16;
+    for (int64_t m0 = 0; m0 < M;) {{
+      int w = tile_width(m0, M);
+      tin* dst = xs + (int64_t)K_IN * m0;
+#if IN_ROW
+      for (int mb = 0; mb < w; mb += 16) {{
+        int mn = w - mb < 16 ? w - mb : 16;
+        for (int k = k0; k < k0 + kn; k++)
+          for (int m = 0; m < mn; m++) dst[(int64_t)k * w + mb + m] = x[(m0 + mb + m) * K_IN + k];
+      }}
+#else
+      for (int k = k0; k < k0 + kn; k++) memcpy(dst + (int64_t)k * w, x + (int64_t)k * M + m0, w * sizeof(tin));
+#endif
+      m0 += w;
+    }}
+  }}
+}}
+
+/* the rows [r0, r1) for the `cnt` tokens of the tile at m0, with one tile function */
 #if OUT_ROW
 #define ROWS(TILEFN, CNT) \
   for (int n0 = r0; n0 < r1; n0 += RB) {{ \
     int nr = r1 - n0 < RB ? r1 - n0 : RB; \
-    for (int j = 0; j < nr; j++) TILEFN(n0 + j, m0, CNT, rp, col, val, x, BIAS(n0 + j), res, buf + j, RB, M); \
+    for (int j = 0; j < nr; j++) TILEFN(n0 + j, CNT, rp, col, val, xt, BIAS(n0 + j), res, m0, buf + j, RB, plim); \
     for (int t = 0; t < (CNT); t++) memcpy(y + (m0 + t) * N_OUT + n0, buf + t * RB, nr * sizeof(tout)); \
   }}
 #else
 #define ROWS(TILEFN, CNT) \
-  for (int n = r0; n < r1; n++) TILEFN(n, m0, CNT, rp, col, val, x, BIAS(n), res, y + (int64_t)n * M + m0, 1, M);
+  for (int n = r0; n < r1; n++) TILEFN(n, CNT, rp, col, val, xt, BIAS(n), res, m0, y + (int64_t)n * M + m0, 1, plim);
 #endif
 #define BIAS(n) {bias_n}
 
-/* y = epilogue(W @ x^T): x [K, M] feature-major; y feature-major [N, M], or token-major [M, N] */
+/* y = epilogue(W @ x^T): x feature-major [K, M], or token-major [M, K] (IN_ROW); y feature-major
+   [N, M], or token-major [M, N] (OUT_ROW); scratch: K * M values for the packed tiles */
 void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x, const tin* bias,
-            const tin* res, tout* y, int64_t M, int nthreads) {{
-  if (M == 1) {{
-    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 64)
-    for (int n = 0; n < N_OUT; n++) {{
-      float s = BIAS(n);
-      for (int32_t p = rp[n]; p < rp[n + 1]; p++) s += in_(val[p]) * in_(x[col[p]]);
-      finish(n, 0, 1, &s, res, y + n, 1);
+            const tin* res, tout* y, int64_t M, int nthreads, tin* scratch) {{
+  if (M == 1) {{   /* one token: x is the same vector in both layouts */
+    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+    for (int n0 = 0; n0 < N_OUT; n0 += MT) {{   /* MT rows at a time: the epilogue on whole vectors */
+      int nr = N_OUT - n0 < MT ? N_OUT - n0 : MT;
+      float s[MT];
+      for (int j = 0; j < nr; j++) {{
+        int n = n0 + j;
+        float a = BIAS(n);
+        for (int32_t p = rp[n]; p < rp[n + 1]; p++) a += in_(val[p]) * in_(x[col[p]]);
+        s[j] = a;
+      }}
+      finish1(n0, nr, s, res, y + n0);
     }}
     return;
   }}
   #pragma omp parallel num_threads(nthreads)
   {{
+    pack_in(x, scratch, M);   /* ends in the barrier of its omp for */
     int T = omp_get_num_threads(), t = omp_get_thread_num();
     int64_t nnz = rp[N_OUT];
+    int32_t plim = (int32_t)(nnz - PD);
     int r0 = t == 0 ? 0 : row_at(rp, nnz * t / T), r1 = t == T - 1 ? N_OUT : row_at(rp, nnz * (t + 1) / T);
     tout buf[MT * RB];
     (void)buf;
     int64_t m0 = 0;
-    for (; m0 + MT <= M; m0 += MT) {{ ROWS(tileNV, MT) }}
-    for (; m0 + 2 * VW <= M; m0 += 2 * VW) {{ ROWS(tile2, 2 * VW) }}
-    for (; m0 + VW <= M; m0 += VW) {{ ROWS(tile1, VW) }}
-    if (m0 < M) {{ int rest = (int)(M - m0); ROWS(tileS, rest) }}
+    const tin* xt;
+    for (; m0 + MT <= M; m0 += MT) {{ xt = scratch + K_IN * m0; ROWS(tileNV, MT) }}
+    for (; m0 + 2 * VW <= M; m0 += 2 * VW) {{ xt = scratch + K_IN * m0; ROWS(tile2, 2 * VW) }}
+    for (; m0 + VW <= M; m0 += VW) {{ xt = scratch + K_IN * m0; ROWS(tile1, VW) }}
+    if (m0 < M) {{ int rest = (int)(M - m0); xt = scratch + K_IN * m0; ROWS(tileS, rest) }}
   }}
 }}
 """
 
 
 def kernel_name(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias: bool, has_residual: bool,
-                out_row: bool) -> str:
-    return (f"csr_{n}x{k}_{_TYPES[dtype][1]}_{_TYPES[out_dtype][1]}_{activation}"
-            f"{'_b' if has_bias else ''}{'_r' if has_residual else ''}{'_row' if out_row else '_fm'}")
+                in_row: bool, out_row: bool) -> str:
+    return (f"csr_{n}x{k}_{_TYPES[dtype]}_{_OUT_TYPES[out_dtype]}_{activation}"
+            f"{'_b' if has_bias else ''}{'_r' if has_residual else ''}"
+            f"_{'row' if in_row else 'fm'}{'row' if out_row else 'fm'}")
 
 
 def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias: bool, has_residual: bool,
-           out_row: bool) -> tuple[str, str]:
+           in_row: bool, out_row: bool, nv: int | None = None) -> tuple[str, str]:
     """(C source, function name) of y = epilogue(W @ x^T) for a [n, k] CSR weight.
 
-    dtype: of x, the values, bias and residual ("float32" / "bfloat16"); out_dtype: of y. out_row:
-    store token-major y [M, n] (else feature-major y^T [n, M])."""
-    if dtype not in _TYPES or out_dtype not in _TYPES:
-        raise ValueError(f"generated CPU kernels take {sorted(_TYPES)}, got {dtype} -> {out_dtype}")
+    dtype: of x, the values, bias and residual ("float32" / "bfloat16"); out_dtype: of y. in_row: x
+    arrives token-major [M, k] (else feature-major x^T [k, M]); out_row: store token-major y [M, n]
+    (else feature-major y^T [n, M]). The function's last argument is a [k, M] scratch for in_row."""
+    if dtype not in _TYPES or out_dtype not in _OUT_TYPES:
+        raise ValueError(f"generated CPU kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
+                         f"got {dtype} -> {out_dtype}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
-    name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, out_row)
+    name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
+    if nv is not None:
+        name += f"_nv{nv}"
     residual = "v += in_(res[(m0 + t) * N_OUT + n]);" if has_residual else ""
-    body = _BODY.format(n=n, act=_ACTIVATIONS[activation], residual=residual, name=name, out_row=int(out_row),
-                        bias_n="in_(bias[n])" if has_bias else "0.f")
-    # a comment naming the variant and K: K is not needed by the code, but a layer of another K must
-    # not share a cached build whose name says otherwise
-    text = (f"/* sparsify generated kernel {name} (K={k}, template {TEMPLATE_VERSION}) */\n" + _HEADER
-            + _ELEMENT[_TYPES[dtype][1]] + _OUT[_TYPES[out_dtype][1]] + body)
+    residual1 = "v += in_(res[n0 + j]);" if has_residual else ""
+    body = _BODY.format(n=n, k=k, in_row=int(in_row), out_row=int(out_row), act=_ACTIVATIONS[activation],
+                        residual=residual, residual1=residual1, name=name, bias_n="in_(bias[n])" if has_bias else "0.f")
+    text = (f"/* sparsify generated kernel {name} (template {TEMPLATE_VERSION}) */\n"
+            + (f"#define NV {nv}\n" if nv is not None else "") + _HEADER
+            + _ELEMENT[_TYPES[dtype]] + _OUT[_OUT_TYPES[out_dtype]] + body)
     return text, name

@@ -8,8 +8,8 @@ to the finished register tile and rounded once at the store. fp32 and bf16 (stor
 fp32); another dtype is not a candidate.
 
 Layouts: "feature" (x^T [K, M] in, y^T [N, M] out, between consecutive sparse layers: see
-passes/rewrite/assign_layouts.py) or "row" (x [..., K]: transposed into a scratch copy on the way in;
-y [..., N] stored token-major by the kernel itself). The residual is token-major in both.
+passes/rewrite/assign_layouts.py) or "row" (x [..., K] and y [..., N]: the kernel transposes x into a
+scratch [K, M] itself, and stores y token-major). The residual is token-major in both.
 
 Entry points: `csr_cpu_host` with `csr_cpu_generated` (the generated kernel; what "auto" runs) and
 `csr_cpu_reference` (densify and multiply), `kernel_for(...)` (the built ctypes function of a
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -33,23 +34,51 @@ from sparsify.patterns import NM, Block, Unstructured
 
 KERNEL_VERSION = f"csr_cpu-1+{cpu_csr_source.TEMPLATE_VERSION}"
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_OUT_DTYPES = {**_DTYPES, torch.float16: "float16"}
 _FUNCS: dict[tuple, ctypes._CFuncPtr] = {}
 _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def kernel_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activation: str, has_bias: bool,
-               has_residual: bool, out_row: bool):
+               has_residual: bool, in_row: bool, out_row: bool):
     """The generated kernel of a variant, built (or loaded from the disk cache) on first use."""
-    key = (n, k, dtype, out_dtype, activation, has_bias, has_residual, out_row)
+    key = (n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
     fn = _FUNCS.get(key)
     if fn is None:
-        src, name = cpu_csr_source.source(n, k, _DTYPES[dtype], _DTYPES[out_dtype], activation, has_bias,
-                                          has_residual, out_row)
+        src, name = cpu_csr_source.source(n, k, _DTYPES[dtype], _OUT_DTYPES[out_dtype], activation, has_bias,
+                                          has_residual, in_row, out_row)
         fn = getattr(cpu_build.build(src, name), name)
-        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I]
+        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I, _P]
         fn.restype = None
         _FUNCS[key] = fn
     return fn
+
+
+class _Checked:
+    """A call whose weight-side arguments passed every check: the same tensors, unchanged, skip them.
+
+    In a compiled graph the packed weight and bias never change between calls, and the full checks
+    (~40 us of Python) cost as much as the kernel of a small 90%-sparse layer."""
+
+    __slots__ = ("refs", "versions", "fn")
+
+    def __init__(self, tensors, fn):
+        self.refs = [weakref.ref(t) if t is not None else None for t in tensors]
+        self.versions = [t._version if t is not None else None for t in tensors]
+        self.fn = fn
+
+    def holds(self, tensors) -> bool:
+        for ref, version, t in zip(self.refs, self.versions, tensors):
+            if t is None:
+                if ref is not None:
+                    return False
+            elif ref is None or ref() is not t or t._version != version:
+                return False
+        return True
+
+
+_CHECKED: dict[tuple, _Checked] = {}
+_CHECKED_MAX = 4096
 
 
 def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n_out: int,
@@ -61,6 +90,10 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
 
     impl: "generated" (the generated kernel; what "auto" runs) or "reference" (csr_linear's dense
     reference). `out`, if given, is written and returned."""
+    if impl == "auto" and out is None and isinstance(x, torch.Tensor):
+        y = _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype)
+        if y is not None:
+            return y
     impl = resolve_impl(impl, x.device, ("generated", "reference"))
     if impl == "reference":
         return csr_linear_reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation,
@@ -71,14 +104,18 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
     if layout == "feature" and x.dim() != 2:
         raise ValueError(f"layout='feature' takes x as [k_in, M] (2-D), got {tuple(x.shape)}")
     xr = x.t() if layout == "feature" else x
-    if layout == "feature" and residual is not None and residual.dim() > 2:
-        residual = residual.reshape(-1, n_out)
-    out_dtype = _check_args(xr, crow, col, values, n_out, k_in, bias, residual, activation, out_dtype,
+    res = residual.reshape(-1, n_out) if layout == "feature" and residual is not None and residual.dim() > 2 \
+        else residual
+    out_dtype = _check_args(xr, crow, col, values, n_out, k_in, bias, res, activation, out_dtype,
                             kernel_dtypes=True)
-    if x.dtype not in _DTYPES or out_dtype not in _DTYPES:
-        raise TypeError(f"generated CPU kernels take float32 or bfloat16 (x {x.dtype}, out {out_dtype})")
+    if x.dtype not in _DTYPES or out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"generated CPU kernels take float32 or bfloat16 and store those or float16 "
+                        f"(x {x.dtype}, out {out_dtype})")
     if crow.dtype != torch.int32:
         raise TypeError(f"generated CPU kernels take int32 indices, got {crow.dtype}")
+    for name, t in (("crow", crow), ("col", col), ("values", values)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernel reads it as a flat array)")
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(xr.shape[:-1])
     m = math.prod(lead)
@@ -87,12 +124,55 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
     y = out if out is not None else torch.empty(out_shape, dtype=out_dtype)
     if m == 0 or n_out == 0:
         return y
-    xt = x.contiguous() if layout == "feature" else x.reshape(m, k_in).t().contiguous()
+    fn = kernel_for(n_out, k_in, x.dtype, out_dtype, activation, bias is not None, residual is not None,
+                    layout == "row", layout == "row")
+    if check_indices is not False:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[_key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values)] = \
+            _Checked((crow, col, values, bias), fn)
+    return _launch(fn, x, crow, col, values, n_out, k_in, m, layout == "row", bias, residual, y)
+
+
+def _key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values) -> tuple:
+    return (id(crow), id(col), id(values), id(bias), n_out, k_in, layout, activation, out_dtype, x.dtype,
+            None if residual is None else residual.dtype)
+
+
+def _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype):
+    """The kernel, if these weight-side arguments were checked before; None sends the call through
+    the full checks. What changes per call (x's device and shape, the residual's) is checked here."""
+    hit = _CHECKED.get(_key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values))
+    if hit is None or x.device.type != "cpu" or not hit.holds((crow, col, values, bias)):
+        return None
+    row = layout == "row"
+    if row:
+        if x.dim() < 1 or x.shape[-1] != k_in:
+            return None
+        m = x.numel() // k_in if k_in else 0
+        shape = tuple(x.shape[:-1]) + (n_out,)
+    else:
+        if x.dim() != 2 or x.shape[0] != k_in:
+            return None
+        m = x.shape[1]
+        shape = (n_out, m)
+    if m == 0 or (residual is not None and (residual.device.type != "cpu" or residual.numel() != m * n_out
+                                            or residual.shape[-1] != n_out
+                                            or (row and tuple(residual.shape) != shape))):
+        return None
+    y = torch.empty(shape, dtype=out_dtype or x.dtype)
+    return _launch(hit.fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y)
+
+
+def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
+    xc = x.reshape(m, k_in).contiguous() if row else x.contiguous()
+    # the kernel packs x into token tiles here (one token needs none)
+    scratch = torch.empty(k_in * m, dtype=x.dtype) if m > 1 else None
     b = bias.to(x.dtype).contiguous() if bias is not None else None
     r = residual.reshape(m, n_out).to(x.dtype).contiguous() if residual is not None else None
-    fn = kernel_for(n_out, k_in, x.dtype, out_dtype, activation, b is not None, r is not None, layout == "row")
-    fn(crow.data_ptr(), col.data_ptr(), values.data_ptr(), xt.data_ptr(), b.data_ptr() if b is not None else None,
-       r.data_ptr() if r is not None else None, y.data_ptr(), m, torch.get_num_threads())
+    fn(crow.data_ptr(), col.data_ptr(), values.data_ptr(), xc.data_ptr(), b.data_ptr() if b is not None else None,
+       r.data_ptr() if r is not None else None, y.data_ptr(), m, torch.get_num_threads(),
+       scratch.data_ptr() if scratch is not None else None)
     return y
 
 

@@ -13,8 +13,9 @@ from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
 
 pytestmark = pytest.mark.skipif(cpu_build.compiler() is not None, reason=f"no C compiler: {cpu_build.compiler()}")
 DTYPES = (torch.float32, torch.bfloat16)
-# token counts that exercise every path: one token, the scalar tail, one- and two-vector tiles, full tiles
-TOKENS = (1, 3, 9, 17, 37, 70, 130)
+# token counts that exercise every path: one token, the scalar tail, one- and two-vector tiles, full
+# tiles, and all of them in one call (91 = 64 + 16 + 8 + 3 with 8 lanes)
+TOKENS = (1, 3, 9, 17, 37, 70, 91, 130)
 
 
 @pytest.fixture
@@ -88,7 +89,7 @@ def test_bf16_in_fp32_out_and_fp32_in_bf16_out(gen):
 
 def test_a_second_build_of_the_same_source_is_a_cache_hit(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
-    src, name = csr_cpu.cpu_csr_source.source(7, 9, "float32", "float32", "relu", True, False, True)
+    src, name = csr_cpu.cpu_csr_source.source(7, 9, "float32", "float32", "relu", True, False, True, True)
     before = dict(cpu_build.BUILD_STATS)
     cpu_build.build(src, name)
     assert cpu_build.BUILD_STATS["built"] == before["built"] + 1
@@ -129,3 +130,49 @@ def test_checks_name_the_argument(gen):
 def test_activations_saturate_without_nans_on_large_inputs(activation, gen):
     w = _weight(16, 24, 0.5, gen) * 40                   # pre-activations of several hundred
     _run(randn(11, 24, generator=gen), w, torch.float32, "feature", None, None, activation)
+
+
+@pytest.mark.parametrize("activation", [a for a in ACTIVATIONS if a != "none"])
+@pytest.mark.parametrize("m", [1, 77])
+def test_activations_elementwise_over_their_whole_range(activation, m, gen):
+    """A diagonal weight makes y = act(x + b) exactly: the generated vector math against float64,
+    far into both tails (where exp saturates) and near zero."""
+    from sparsify.codegen.kernels.csr_linear import csr_linear_reference
+
+    n = 203
+    w = torch.eye(n)
+    crow, col, values = csr_parts(pack_csr(w))
+    crow, col = crow.int(), col.int()
+    grid = torch.cat([torch.linspace(-30, 30, n - 8), torch.tensor([0.0, -0.0, 1e-6, -1e-6, 88.0, -88.0, 100.0, -100.0])])
+    x = grid[torch.randperm(n, generator=gen)].repeat(m, 1) + randn(m, n, generator=gen) * 0.01
+    got = csr_cpu.csr_cpu_generated(x, crow, col, values, n, n, "row", activation=activation)
+    ref = csr_linear_reference(x.double(), crow, col, values.double(), n, n, "row", activation=activation)
+    # x * g(x) carries x's rounding: the scale of an fp32 error is max(|y|, |x|, 1)
+    err = (got.double() - ref).abs() / torch.maximum(ref.abs(), x.double().abs()).clamp_min(1.0)
+    assert float(err.max()) < 2e-6, f"{activation}: worst at x={float(x.flatten()[err.flatten().argmax()]):.4g}"
+
+
+def test_repeated_calls_skip_the_weight_checks_only_while_the_weight_is_unchanged(gen):
+    """The fast path of a compiled graph: checked weight tensors are not checked again, but an
+    in-place edit, another tensor, or a wrong per-call argument goes back through every check."""
+    n, k = 12, 20
+    crow, col, values = (t.contiguous() for t in csr_parts(pack_csr(_weight(n, k, 0.6, gen))))
+    crow, col = crow.int(), col.int()
+    bias = randn(n, generator=gen)
+    for m in (5, 1, 33):                                   # new shapes on the fast path
+        x = randn(m, k, generator=gen)
+        got = csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias)
+        ref = csr_cpu.csr_cpu_reference(x.double(), crow, col, values.double(), n, k, "row", bias.double())
+        assert rel_l2(got, ref) <= TOLERANCE[torch.float32]
+    values.mul_(2)                                          # in place: the version moves, results follow
+    got = csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias)
+    ref = csr_cpu.csr_cpu_reference(x.double(), crow, col, values.double(), n, k, "row", bias.double())
+    assert rel_l2(got, ref) <= TOLERANCE[torch.float32]
+    col[0] = k + 5                                          # a corrupted index is caught again
+    with pytest.raises(ValueError, match="col"):
+        csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias)
+    col[0] = 0
+    with pytest.raises(ValueError, match="residual"):
+        csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias, randn(33, n + 1, generator=gen))
+    with pytest.raises(ValueError, match="x must be"):
+        csr_cpu.csr_cpu_host(randn(4, k + 1, generator=gen), crow, col, values, n, k, "row", bias)
