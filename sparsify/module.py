@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from . import ir
+from . import inference, ir
 from .capture import Capture, CapturedPart, capture, _record_child_inputs
 from .config import Config, ConfigError
 from .family import check_config
@@ -181,8 +181,7 @@ class SparseModule(nn.Module):
     def train(self, mode: bool = True):
         """A compiled model is inference-only (eval mode; the sparse ops have no backward)."""
         if mode:
-            raise RuntimeError("a sparsify-compiled model is inference-only: it runs in eval mode and its sparse "
-                               "ops have no backward. Train the original model, then compile it again.")
+            raise RuntimeError(inference.MESSAGE)
         self.training = False     # what runs was captured in eval mode (an exported module refuses train())
         return self
 
@@ -502,7 +501,7 @@ class SparseModule(nn.Module):
             else:
                 self._compiled[sig] = self._compile_again(args, kwargs)
             cap = self._compiled[sig]
-        return cap.root(*args, **kwargs)
+        return inference.run(cap.root, args, kwargs)
 
     # ---- inspection -------------------------------------------------------------------------
     def _need_compiled(self):

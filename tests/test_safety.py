@@ -60,6 +60,11 @@ def test_backward_and_train_mode_are_refused_with_a_reason():
     x = _x().requires_grad_(True)
     with pytest.raises(RuntimeError, match="inference-only"):
         sm(x).sum().backward()
+    assert any(p.requires_grad for p in sm.parameters())   # as in the original model, a loss has a graph
+    with pytest.raises(RuntimeError, match="inference-only"):
+        sm(_x()).sum().backward()
+    with torch.no_grad():
+        assert not sm(x).requires_grad
     with pytest.raises(RuntimeError, match="inference-only"):
         sm.train()
     sm.eval()                                   # eval is fine
