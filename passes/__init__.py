@@ -3,14 +3,14 @@
 Importing this package registers the families (channel, weight, and the declared activation /
 attention / spatial ones) and the default pipeline, by phase:
 
-  canonicalize  fold_batchnorm
+  canonicalize  drop_identities -> fold_batchnorm
   analysis      find_sites -> calibrate -> plan_sites
   rewrite       rewrite_sites -> apply_rewrite_rules
-  lower         fuse_epilogues -> assign_layouts
+  lower         fuse_epilogues -> assign_layouts -> stack_siblings
 """
 from .families.channel import family as _channel  # noqa: F401  (channel first: see families/__init__)
 from .families.weight import family as _weight  # noqa: F401
 from .families import activation, attention, spatial  # noqa: F401  (declared families)
-from .rewrite import fold_batchnorm  # noqa: F401  (registration order is pipeline order in a phase)
+from .rewrite import drop_identities, fold_batchnorm  # noqa: F401  (registration order is pipeline order in a phase)
 from .analysis import find_sites, calibrate, plan_sites  # noqa: F401
-from .rewrite import rewrite_sites, rules, fuse_epilogue, assign_layouts  # noqa: F401
+from .rewrite import rewrite_sites, rules, fuse_epilogue, assign_layouts, stack_siblings  # noqa: F401

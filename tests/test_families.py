@@ -187,7 +187,7 @@ def test_recapture_runs_only_the_passes_the_rewrite_needs():
     pipe = sparsify.Pipeline.default()
     back = pipe.phase("rewrite", "lower")
     assert back.requirements() == {"sites", "plan"}
-    assert pipe.providers(back.requirements() - {"plan"}).names == ["fold_batchnorm", "find_sites"]
+    assert pipe.providers(back.requirements() - {"plan"}).names == ["drop_identities", "fold_batchnorm", "find_sites"]
 
 
 # ---- a plan alone rebuilds the compiled model -------------------------------------------------------

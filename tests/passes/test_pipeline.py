@@ -11,7 +11,7 @@ from tests.helpers import MLP, mlp_input
 
 def test_default_pipeline_order_by_phase():
     names = default_pass_names()
-    assert names[:7] == ["fold_batchnorm", "find_sites", "calibrate", "plan_sites", "rewrite_sites",
+    assert names[:8] == ["drop_identities", "fold_batchnorm", "find_sites", "calibrate", "plan_sites", "rewrite_sites",
                          "apply_rewrite_rules", "fuse_epilogues"]
     phases = [sparsify.pipeline.get_pass(n).phase for n in names]
     assert phases == sorted(phases, key=sparsify.PHASES.index)
