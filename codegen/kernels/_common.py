@@ -8,6 +8,7 @@ several. Host code uses the plain versions here; kernels keep tl.cdiv.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -28,12 +29,22 @@ IntPair = Union[int, Sequence[int]]
 # Activation layouts a linear op may take and give. "row": token-major [..., K] -> [..., N], what
 # the graph has. "feature": features first, [K, M] -> [N, M], what a sparse-weight-times-dense kernel
 # computes without transposing (W @ x^T); consecutive sparse layers hand it on (assign_layouts).
-LAYOUTS = ("row", "feature")
+# The two ends of such a chain, for a kernel that transposes on its own way in or out:
+# "row_to_feature" ([..., K] -> [N, M]) and "feature_to_row" ([K, M] -> [M, N]). A kernel spec
+# lists the layouts its op takes (KernelSpec.layouts).
+CHAIN_LAYOUTS = ("row", "feature")
+LAYOUTS = CHAIN_LAYOUTS + ("row_to_feature", "feature_to_row")
 
 
-def check_layout(layout) -> None:
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+def check_layout(layout, allowed: tuple = LAYOUTS) -> None:
+    if layout not in allowed:
+        raise ValueError(f"layout must be one of {allowed}, got {layout!r}")
+
+
+def layout_ends(layout: str) -> tuple[bool, bool]:
+    """(x is feature-major, y is feature-major) of a layout."""
+    check_layout(layout)
+    return layout in ("feature", "feature_to_row"), layout in ("feature", "row_to_feature")
 
 
 def cdiv(a: int, b: int) -> int:
@@ -155,11 +166,14 @@ def conv_epilogue_reference(acc: torch.Tensor, x: torch.Tensor, bias, residual, 
 
 # ---- fake outputs (KernelSpec.out_like): the bound op arguments -> an empty output ---------------
 def linear_out_like(a: dict) -> torch.Tensor:
-    """[..., n_out] in out_dtype (default x's); [n_out, M] for an op in the feature layout."""
+    """[..., n_out] in out_dtype (default x's); [n_out, M] for an op that stores feature-major, [M, n_out]
+    for one that reads feature-major x [K, M] and stores token-major."""
     x = a["x"]
-    if a.get("layout", "row") == "feature":
-        return x.new_empty((a["n_out"], x.shape[1]), dtype=a["out_dtype"] or x.dtype)
-    return x.new_empty(tuple(x.shape[:-1]) + (a["n_out"],), dtype=a["out_dtype"] or x.dtype)
+    x_feature, y_feature = layout_ends(a.get("layout", "row"))
+    lead = (x.shape[1],) if x_feature else tuple(x.shape[:-1])
+    if y_feature:
+        return x.new_empty((a["n_out"], math.prod(lead)), dtype=a["out_dtype"] or x.dtype)
+    return x.new_empty(lead + (a["n_out"],), dtype=a["out_dtype"] or x.dtype)
 
 
 def conv_out_like(a: dict) -> torch.Tensor:

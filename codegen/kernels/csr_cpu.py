@@ -27,8 +27,8 @@ import torch
 
 from sparsify.codegen import cpu_build, cpu_csr_source
 from sparsify.codegen.kernels._checks import check_out
-from sparsify.codegen.kernels._common import LAYOUTS, check_layout, linear_out_like, resolve_impl
-from sparsify.codegen.kernels.csr_linear import _check_args, _check_indices, _pack, csr_linear_reference
+from sparsify.codegen.kernels._common import LAYOUTS, check_layout, layout_ends, linear_out_like, resolve_impl
+from sparsify.codegen.kernels.csr_linear import _check_args, _check_indices, _pack, csr_linear_reference, stack_csr
 from sparsify.codegen.spec import KernelSpec
 from sparsify.patterns import NM, Block, Unstructured
 
@@ -94,18 +94,19 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
         y = _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype)
         if y is not None:
             return y
+    requested_out_dtype = out_dtype   # the fast path's key: what the next call will pass
     impl = resolve_impl(impl, x.device, ("generated", "reference"))
-    if impl == "reference":
-        return csr_linear_reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation,
-                                    out_dtype, out, check_indices=check_indices)
     check_layout(layout)
+    if impl == "reference":
+        return _reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype, out,
+                          check_indices)
+    x_feature, y_feature = layout_ends(layout)
     if x.device.type != "cpu":
         raise ValueError(f"generated CPU kernels take CPU tensors, x is on {x.device}")
-    if layout == "feature" and x.dim() != 2:
-        raise ValueError(f"layout='feature' takes x as [k_in, M] (2-D), got {tuple(x.shape)}")
-    xr = x.t() if layout == "feature" else x
-    res = residual.reshape(-1, n_out) if layout == "feature" and residual is not None and residual.dim() > 2 \
-        else residual
+    if x_feature and x.dim() != 2:
+        raise ValueError(f"layout={layout!r} takes x as [k_in, M] (2-D), got {tuple(x.shape)}")
+    xr = x.t() if x_feature else x
+    res = residual.reshape(-1, n_out) if x_feature and residual is not None and residual.dim() > 2 else residual
     out_dtype = _check_args(xr, crow, col, values, n_out, k_in, bias, res, activation, out_dtype,
                             kernel_dtypes=True)
     if x.dtype not in _DTYPES or out_dtype not in _OUT_DTYPES:
@@ -119,19 +120,37 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
     _check_indices(crow, col, k_in, check_indices)
     lead = tuple(xr.shape[:-1])
     m = math.prod(lead)
-    out_shape = (n_out, m) if layout == "feature" else lead + (n_out,)
+    out_shape = (n_out, m) if y_feature else lead + (n_out,)
     check_out(out, out_shape, out_dtype, x.device)
     y = out if out is not None else torch.empty(out_shape, dtype=out_dtype)
     if m == 0 or n_out == 0:
         return y
     fn = kernel_for(n_out, k_in, x.dtype, out_dtype, activation, bias is not None, residual is not None,
-                    layout == "row", layout == "row")
+                    not x_feature, not y_feature)
     if check_indices is not False:
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
-        _CHECKED[_key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values)] = \
-            _Checked((crow, col, values, bias), fn)
-    return _launch(fn, x, crow, col, values, n_out, k_in, m, layout == "row", bias, residual, y)
+        key = _key(x, n_out, k_in, layout, bias, residual, activation, requested_out_dtype, crow, col, values)
+        _CHECKED[key] = _Checked((crow, col, values, bias), fn)
+    return _launch(fn, x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
+
+
+def _reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype, out, check_indices):
+    """csr_linear's reference; a chain end ("row_to_feature", "feature_to_row") as the row layout
+    with the transposes around it."""
+    x_feature, y_feature = layout_ends(layout)
+    if x_feature == y_feature:
+        return csr_linear_reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation,
+                                    out_dtype, out, check_indices=check_indices)
+    if x_feature and x.dim() != 2:
+        raise ValueError(f"layout={layout!r} takes x as [k_in, M] (2-D), got {tuple(x.shape)}")
+    xr = x.t() if x_feature else x
+    if x_feature and residual is not None:
+        residual = residual.reshape(-1, n_out)
+    y = csr_linear_reference(xr, crow, col, values, n_out, k_in, "row", bias, residual, activation, out_dtype,
+                             check_indices=check_indices)
+    y = y.reshape(-1, n_out).t().contiguous() if y_feature else y
+    return out.copy_(y) if out is not None else y
 
 
 def _key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values) -> tuple:
@@ -145,23 +164,22 @@ def _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activa
     hit = _CHECKED.get(_key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values))
     if hit is None or x.device.type != "cpu" or not hit.holds((crow, col, values, bias)):
         return None
-    row = layout == "row"
-    if row:
-        if x.dim() < 1 or x.shape[-1] != k_in:
-            return None
-        m = x.numel() // k_in if k_in else 0
-        shape = tuple(x.shape[:-1]) + (n_out,)
-    else:
+    x_feature, y_feature = layout_ends(layout)
+    if x_feature:
         if x.dim() != 2 or x.shape[0] != k_in:
             return None
-        m = x.shape[1]
-        shape = (n_out, m)
+        m, lead = x.shape[1], (x.shape[1],)
+    else:
+        if x.dim() < 1 or x.shape[-1] != k_in:
+            return None
+        m, lead = (x.numel() // k_in if k_in else 0), tuple(x.shape[:-1])
+    shape = (n_out, m) if y_feature else lead + (n_out,)
     if m == 0 or (residual is not None and (residual.device.type != "cpu" or residual.numel() != m * n_out
                                             or residual.shape[-1] != n_out
-                                            or (row and tuple(residual.shape) != shape))):
+                                            or (not x_feature and tuple(residual.shape) != lead + (n_out,)))):
         return None
     y = torch.empty(shape, dtype=out_dtype or x.dtype)
-    return _launch(hit.fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y)
+    return _launch(hit.fn, x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
 
 
 def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
@@ -194,4 +212,4 @@ SPEC = KernelSpec(
     schema="(Tensor x, Tensor crow, Tensor col, Tensor values, SymInt n_out, SymInt k_in, str layout='row', "
            "Tensor? bias=None, Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
     patterns=(Unstructured, NM, Block), replaces="linear", devices=("cpu",), layouts=LAYOUTS, supports=_supports,
-    impl=csr_cpu_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)
+    impl=csr_cpu_host, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION, stack_rows=stack_csr)

@@ -40,7 +40,7 @@ import torch
 from sparsify.codegen.epilogue import Epilogue, activation_inplace, apply_reference
 from sparsify.codegen.kernels._checks import (check_dense_weight, check_devices, check_linear_epilogue,
                                               check_linear_input, check_out, check_tensors, resolve_out_dtype)
-from sparsify.codegen.kernels._common import (KERNEL_DTYPES, LAYOUTS, REFERENCE_DTYPES, acc_dtype, check_layout,
+from sparsify.codegen.kernels._common import (CHAIN_LAYOUTS, KERNEL_DTYPES, REFERENCE_DTYPES, acc_dtype, check_layout,
                                               linear_out_like, resolve_impl)
 from sparsify.codegen.spec import KernelSpec
 from sparsify.patterns import NM, Block, Unstructured
@@ -174,7 +174,7 @@ def csr_linear_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, valu
     truth). `out`, if given, is written and returned (the output's shape, out_dtype, default x's).
     """
     impl = resolve_impl(impl, x.device, ("torch", "reference"))
-    check_layout(layout)
+    check_layout(layout, CHAIN_LAYOUTS)
     xr = x.t() if layout == "feature" and x.dim() == 2 else x      # the token-major view, for the checks
     if layout == "feature":
         if x.dim() != 2:
@@ -203,6 +203,22 @@ def csr_linear_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, valu
             yt.add_(residual.reshape(rows, n_out).t())
         y = _as(yt, out_dtype) if layout == "feature" else _as(yt.t(), out_dtype).contiguous().reshape(out_shape)
     return out.copy_(y) if out is not None else y
+
+
+def stack_csr(parts: list[dict]) -> dict:
+    """CSR weights [n_i, K] (crow, col, values, bias) stacked into one [sum n_i, K]: the rows of one
+    after the other's, row pointers shifted by the nonzeros before them."""
+    crows, nnz = [parts[0]["crow"][:1]], 0
+    for p in parts:
+        crows.append(p["crow"][1:] + nnz)
+        nnz += int(p["crow"][-1])
+    biases = [p.get("bias") for p in parts]
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else torch.zeros(int(p["n_out"]), dtype=parts[0]["values"].dtype)
+         for b, p in zip(biases, parts)])
+    return {"crow": torch.cat(crows), "col": torch.cat([p["col"] for p in parts]),
+            "values": torch.cat([p["values"] for p in parts]), "bias": bias,
+            "n_out": sum(int(p["n_out"]) for p in parts)}
 
 
 csr_linear_torch = functools.partial(csr_linear_host, impl="torch")
@@ -265,5 +281,5 @@ SPEC = KernelSpec(
     name="csr_torch", op="sparsify::csr_linear",
     schema="(Tensor x, Tensor crow, Tensor col, Tensor values, SymInt n_out, SymInt k_in, str layout='row', "
            "Tensor? bias=None, Tensor? residual=None, str activation='none', ScalarType? out_dtype=None) -> Tensor",
-    patterns=(Unstructured, NM, Block), replaces="linear", devices=("cpu", "cuda"), layouts=LAYOUTS,
+    patterns=(Unstructured, NM, Block), replaces="linear", devices=("cpu", "cuda"), layouts=CHAIN_LAYOUTS, stack_rows=stack_csr,
     impl=csr_linear_torch, pack=_pack, out_like=linear_out_like, version=KERNEL_VERSION)

@@ -6,8 +6,11 @@ transpose y^T back and the next layer would transpose it again (each a copy of t
 This pass finds chains of ops whose kernel takes the "feature" layout (KernelSpec.layouts) where
 each op's only user is the next op's input, switches every op of a chain of two or more to
 layout="feature", and puts one transposed copy before the chain and one after it; those are the
-only transposes left, visible in the debug dumps as this pass's nodes. A residual stays token-major
-(the kernels read it transposed in place). A lone op keeps the row layout: it would pay both
+only transposes left, visible in the debug dumps as this pass's nodes. Where the first op's kernel
+reads token-major x itself (layout "row_to_feature" in its KernelSpec.layouts: csr_cpu packs x
+into its tiles anyway) there is no copy before the chain, and where the last one stores token-major
+itself ("feature_to_row") none after it. A residual stays token-major (the kernels read it
+transposed in place). A lone op keeps the row layout: it would pay both
 transposes itself, and the planner timed it as the graph gives it its input, token-major.
 """
 from __future__ import annotations
@@ -79,6 +82,31 @@ def _switch(gm: fx.GraphModule, chain: list[fx.Node]) -> None:
     lead = list(x_shape[:-1])
     m = math.prod(lead)
     names = " -> ".join(n.meta[ir.FROM].fqn for n in chain)
+    for n in chain:
+        ir.set_op_arg(n, "layout", "feature")
+    if _takes(first, "row_to_feature"):
+        ir.set_op_arg(first, "layout", "row_to_feature")
+    else:
+        _transpose_in(gm, first, x, m, k, lead, names)
+    for n in chain:
+        shape, _ = ir.tensor_meta(n)
+        if shape is not None and n.meta.get("val") is not None:
+            _meta(n, (shape[-1], m), n.meta["val"])
+        prov = n.meta[ir.FROM]
+        n.meta[ir.FROM] = ir.Provenance(prov.pass_name, prov.rule, prov.source, prov.fqn,
+                                        prov.detail + f"; layout {ir.op_arg(n, 'layout')[1]} ({names})")
+    if _takes(last, "feature_to_row"):
+        ir.set_op_arg(last, "layout", "feature_to_row")
+        _reshape_out(gm, last, m, lead, names)
+    else:
+        _transpose_out(gm, last, m, lead, names)
+
+
+def _takes(node: fx.Node, layout: str) -> bool:
+    return layout in registry.spec_of(node.target).layouts
+
+
+def _transpose_in(gm, first, x, m, k, lead, names) -> None:
     with gm.graph.inserting_before(first):
         flat = gm.graph.call_function(aten.reshape.default, (x, [m, k]))
         xt = gm.graph.call_function(aten.t.default, (flat,))
@@ -91,14 +119,26 @@ def _switch(gm: fx.GraphModule, chain: list[fx.Node]) -> None:
         _meta(xt.args[0], (k, m), x_val)
         _meta(xt, (k, m), x_val)
     ir.set_op_arg(first, "x", xt)
-    for n in chain:
-        ir.set_op_arg(n, "layout", "feature")
-        shape, _ = ir.tensor_meta(n)
-        if shape is not None and n.meta.get("val") is not None:
-            _meta(n, (shape[-1], m), n.meta["val"])
-        prov = n.meta[ir.FROM]
-        n.meta[ir.FROM] = ir.Provenance(prov.pass_name, prov.rule, prov.source, prov.fqn,
-                                        prov.detail + f"; layout feature-major ({names})")
+
+
+def _reshape_out(gm, last, m, lead, names) -> None:
+    """The last op stores token-major [M, N]: only the tokens' shape is given back."""
+    n_out = ir.op_arg(last, "n_out")[1]
+    if last.meta.get("val") is not None:
+        _meta(last, (m, n_out), last.meta["val"])
+    if len(lead) == 1:
+        return
+    users = list(last.users)
+    with gm.graph.inserting_after(last):
+        out = gm.graph.call_function(aten.reshape.default, (last, lead + [n_out]))
+    for u in users:
+        u.replace_input_with(last, out)
+    _mark(out, last.meta[ir.FROM].fqn, f"the tokens' shape: {names}")
+    if last.meta.get("val") is not None:
+        _meta(out, tuple(lead) + (n_out,), last.meta["val"])
+
+
+def _transpose_out(gm, last, m, lead, names) -> None:
     n_out = ir.op_arg(last, "n_out")[1]
     users = list(last.users)
     with gm.graph.inserting_after(last):

@@ -9,6 +9,7 @@ from kernel_utils import TOLERANCE, poison, randn, rel_l2
 from sparsify.codegen import cpu_build, registry
 from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels import csr_cpu
+from sparsify.codegen.kernels._common import LAYOUTS, layout_ends
 from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
 
 pytestmark = pytest.mark.skipif(cpu_build.compiler() is not None, reason=f"no C compiler: {cpu_build.compiler()}")
@@ -39,9 +40,10 @@ def _run(x, w, dtype, layout, bias, residual, activation, out_dtype=None):
     crow, col, values = csr_parts(pack_csr(w))
     crow, col, values = crow.int(), col.int(), values.to(dtype)
     lead, m = x.shape[:-1], x[..., 0].numel()
-    xin = x.to(dtype) if layout == "row" else x.reshape(m, k).t().contiguous().to(dtype)
+    x_feature, y_feature = layout_ends(layout)
+    xin = x.reshape(m, k).t().contiguous().to(dtype) if x_feature else x.to(dtype)
     out_dtype = out_dtype or dtype
-    shape = tuple(lead) + (n,) if layout == "row" else (n, m)
+    shape = (n, m) if y_feature else ((m,) if x_feature else tuple(lead)) + (n,)
     out = poison(torch.empty(shape, dtype=out_dtype))
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     got = csr_cpu.csr_cpu_generated(xin, crow, col, values, n, k, layout, cast(bias), cast(residual), activation,
@@ -49,12 +51,12 @@ def _run(x, w, dtype, layout, bias, residual, activation, out_dtype=None):
     assert got is out
     d = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
     ref = csr_cpu.csr_cpu_reference(d(x), crow, col, values.double(), n, k, "row", d(bias), d(residual), activation)
-    got_rows = got if layout == "row" else got.t().reshape(ref.shape)
+    got_rows = got.t().reshape(ref.shape) if y_feature else got.reshape(ref.shape)
     err = rel_l2(got_rows, ref)
     assert err <= TOLERANCE[out_dtype], f"rel_l2 {err:.3g} > {TOLERANCE[out_dtype]}"
 
 
-@pytest.mark.parametrize("layout", ["row", "feature"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", TOKENS)
 def test_token_counts_and_odd_shapes(m, dtype, layout, gen):
@@ -65,7 +67,7 @@ def test_token_counts_and_odd_shapes(m, dtype, layout, gen):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("has_bias,has_residual", [(False, False), (True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("layout", ["row", "feature"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_every_epilogue(activation, has_bias, has_residual, layout, gen):
     n, k, m = 33, 40, 21
     w = _weight(n, k, 0.7, gen)
@@ -152,22 +154,26 @@ def test_activations_elementwise_over_their_whole_range(activation, m, gen):
     assert float(err.max()) < 2e-6, f"{activation}: worst at x={float(x.flatten()[err.flatten().argmax()]):.4g}"
 
 
-def test_repeated_calls_skip_the_weight_checks_only_while_the_weight_is_unchanged(gen):
+def test_repeated_calls_skip_the_weight_checks_only_while_the_weight_is_unchanged(gen, monkeypatch):
     """The fast path of a compiled graph: checked weight tensors are not checked again, but an
     in-place edit, another tensor, or a wrong per-call argument goes back through every check."""
     n, k = 12, 20
     crow, col, values = (t.contiguous() for t in csr_parts(pack_csr(_weight(n, k, 0.6, gen))))
     crow, col = crow.int(), col.int()
     bias = randn(n, generator=gen)
+    checks = []
+    full_check = csr_cpu._check_indices
+    monkeypatch.setattr(csr_cpu, "_check_indices", lambda *a: checks.append(1) or full_check(*a))
     for m in (5, 1, 33):                                   # new shapes on the fast path
         x = randn(m, k, generator=gen)
         got = csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias)
         ref = csr_cpu.csr_cpu_reference(x.double(), crow, col, values.double(), n, k, "row", bias.double())
         assert rel_l2(got, ref) <= TOLERANCE[torch.float32]
+    assert len(checks) == 1, "the weight was checked again although it did not change"
     values.mul_(2)                                          # in place: the version moves, results follow
     got = csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias)
     ref = csr_cpu.csr_cpu_reference(x.double(), crow, col, values.double(), n, k, "row", bias.double())
-    assert rel_l2(got, ref) <= TOLERANCE[torch.float32]
+    assert rel_l2(got, ref) <= TOLERANCE[torch.float32] and len(checks) == 2
     col[0] = k + 5                                          # a corrupted index is caught again
     with pytest.raises(ValueError, match="col"):
         csr_cpu.csr_cpu_host(x, crow, col, values, n, k, "row", bias)

@@ -51,3 +51,27 @@ def test_a_chain_on_3d_activations_with_a_residual_matches_the_row_layout():
     assert ir.op_arg(ops[1], "residual")[1] is not None, "fc2 + x is fused, the residual read token-major"
     row = sparsify.compile(model, (x,), cfg, pipeline=sparsify.Pipeline.default().remove("assign_layouts"))
     torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_transposes_itself_takes_the_chain_ends_without_copies():
+    """csr_cpu reads token-major x and stores token-major y on its own: the first op of a chain
+    is row_to_feature, the last feature_to_row, and no transposed copy is left in the graph."""
+    from sparsify.codegen import cpu_build
+    from sparsify.models import lm_inputs, tiny_lm
+
+    if cpu_build.compiler() is not None:
+        import pytest
+        pytest.skip(f"no C compiler: {cpu_build.compiler()}")
+    model, x = tiny_lm(d=32, ffn=64, heads=2, layers=1, vocab=64), lm_inputs(2, 9, vocab=64)
+    cfg = Config(**{**CSR, "weight": sparsify.Dense(), "kernels": ("csr_cpu",)},
+                 overrides={"blocks.0.fc*": Unstructured(0.6)})
+    sm = sparsify.compile(model, (x,), cfg)
+    ops = _sparse_ops(sm.graph_module)
+    assert [ir.op_arg(n, "layout")[1] for n in ops] == ["row_to_feature", "feature_to_row"], sm.graph_module.code
+    assert ir.op_arg(ops[1], "residual")[1] is not None
+    made = [n for n in sm.graph_module.graph.nodes if n.meta.get(ir.FROM) and n.meta[ir.FROM].pass_name == "assign_layouts"]
+    assert [str(n.target) for n in made] == ["aten.reshape.default"], "only the tokens' shape given back"
+    row = sparsify.compile(model, (x,), cfg, pipeline=sparsify.Pipeline.default().remove("assign_layouts"))
+    torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sm(lm_inputs(3, 5, vocab=64, seed=4)), row(lm_inputs(3, 5, vocab=64, seed=4)),
+                               rtol=1e-5, atol=1e-5)
