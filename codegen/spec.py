@@ -78,6 +78,9 @@ class KernelSpec:
     device_impls: dict = dataclasses.field(default_factory=dict)
     layouts: tuple = ("row",)     # activation layouts its op takes (schema argument `layout`; _common.LAYOUTS)
     pack_params: tuple = ()       # the pattern's fields its pack reads besides the kept weights ("block")
+    # ops of this kernel that read the same x can run as one whose output rows are theirs stacked
+    # (passes/rewrite/stack_siblings.py): {argument: tensor} of each, in order -> the stacked arguments
+    stack_rows: Callable[[list[dict]], dict] | None = None
 
     def __post_init__(self):
         if self.replaces not in ("linear", "conv2d"):
