@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 _LOCK = threading.Lock()
-TIMING_METHOD = "rounds-2"  # part of every cache key: a change of timing method invalidates old entries
+TIMING_METHOD = "rounds-3"  # part of every cache key: a change of timing method invalidates old entries
 
 
 def cache_path() -> Path:
@@ -58,6 +58,11 @@ class Timed:
 
 MIN_ROUNDS, MAX_ROUNDS = 3, 8
 RATIO_TOLERANCE = 0.15      # a ratio whose per-round spread stays above this is too noisy to decide on
+# A round of compare_rounds takes at most about this long (fewer calls per function when one call is
+# long, never under MIN_CALLS): a 60 ms dense layer (BERT-base at 2048 tokens) timed 5 times a round,
+# with its warm-up calls, over three or more rounds and 72 layers made a compile take many minutes,
+# for no steadier ratio than 2 calls of that length give.
+ROUND_BUDGET_MS, MIN_CALLS = 400.0, 2
 CACHE_TTL_DAYS = 30         # an older cached timing is stale: measured again
 
 
@@ -151,20 +156,24 @@ def compare_rounds(fns, device: torch.device, repeats: int = 5, min_rounds: int 
     whose ratio is below 0.6 x threshold after a round is decided, slower, and leaves the rounds: no
     noise seen on a shared machine turns that around. A function that raises is not timed (its
     error is kept)."""
-    errors = {}
+    errors, once_ms = {}, []
     for i, fn in enumerate(fns):
         try:
             with torch.no_grad():
+                t0 = time.perf_counter()
                 fn()
+                once_ms.append((time.perf_counter() - t0) * 1e3)
         except Exception as e:  # noqa: BLE001 - the caller reports it per candidate
             errors[i] = f"{type(e).__name__}: {str(e)[:160]}"
+    if once_ms and device.type == "cpu":
+        repeats = max(min(repeats, MIN_CALLS), min(repeats, int(ROUND_BUDGET_MS / sum(once_ms))))
     if 0 in errors:
         raise RuntimeError(f"the baseline failed to run: {errors[0]}")
     ratios: dict[int, list[float]] = {i: [] for i in range(1, len(fns)) if i not in errors}
     best: dict[int, float] = {}
     live = [0, *ratios]
     for r in range(max_rounds):
-        times = compare_ms([fns[i] for i in live], device, repeats)
+        times = compare_ms([fns[i] for i in live], device, repeats, warmup=2 if r == 0 else 1)
         for i, ms in zip(live, times):
             best[i] = min(best.get(i, ms), ms)
             if i:
@@ -206,7 +215,7 @@ def measure_ms(fn, device: torch.device, repeats: int = 20) -> float:
     return compare_ms([fn], device, repeats)[0]
 
 
-def compare_ms(fns, device: torch.device, repeats: int = 20) -> list[float]:
+def compare_ms(fns, device: torch.device, repeats: int = 20, warmup: int = 2) -> list[float]:
     """`measure_ms` of several functions, measured interleaved (a, b, a, b, ...): a shared machine's
     drift (clock, other load) between two measurements would otherwise decide a close comparison."""
     with torch.no_grad():
@@ -233,7 +242,7 @@ def compare_ms(fns, device: torch.device, repeats: int = 20) -> list[float]:
                     out.append(start.elapsed_time(end) / n)
             return [sorted(r)[2] for r in runs]
         for fn in fns:
-            for _ in range(2):
+            for _ in range(warmup):
                 fn()
         samples = [[] for _ in fns]
         for _ in range(repeats):

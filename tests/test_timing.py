@@ -19,7 +19,7 @@ def _scripted(rounds):
     it = iter(rounds)
     calls = []
 
-    def compare_ms(fns, device, repeats=20):
+    def compare_ms(fns, device, repeats=20, warmup=2):
         calls.append(len(fns))
         return next(it)
     return compare_ms, calls
@@ -121,3 +121,43 @@ def test_candidates_are_timed_with_the_epilogue_the_graph_will_fuse(monkeypatch)
     fc2 = [k for k in keys if "(48, 96)" in k]          # fc2's weight; + x follows it
     assert fc1 and all("epilogue=relu+-+None" in k for k in fc1)
     assert fc2 and all("epilogue=none+residual+None" in k for k in fc2)
+
+
+def test_model_sensitivity_needs_no_forward_for_a_substitution_that_changes_nothing():
+    """A model pruned before compiling gets its own weights back from a mask: its model error is
+    the one already known, without running the model; a real change runs it, and is accumulated."""
+    from sparsify.capture import capture
+    from sparsify.sensitivity import ModelSensitivity
+    from tests.helpers import MLP, mlp_input
+
+    x = mlp_input(5)
+    gm = capture(MLP(), (x,)).root
+    sens = ModelSensitivity(gm, [((x,), {})])
+    calls = []
+    gm.register_forward_pre_hook(lambda *a: calls.append(1))
+    (name, w), = [(n, p) for n, p in gm.named_parameters() if n.endswith("weight")][:1]
+    assert sens.error({name: w.detach().clone()}) == 0.0 and not calls
+    pruned = w.detach() * (torch.rand_like(w) > 0.5)
+    err = sens.error({name: pruned})
+    assert err > 0 and len(calls) == 1
+    sens.accept({name: pruned})
+    assert sens.error({name: pruned.clone()}) == err and len(calls) == 1    # the accepted state, known
+    other = [(n, p) for n, p in gm.named_parameters() if n.endswith("weight")][1]
+    assert sens.error({other[0]: other[1].detach() * 0.5}) != err and len(calls) == 2
+
+
+def test_long_calls_get_fewer_calls_a_round_but_never_under_the_minimum(monkeypatch):
+    import time as _time
+
+    seen = []
+
+    def compare_ms(fns, device, repeats=20, warmup=2):
+        seen.append((repeats, warmup))
+        return [2.0, 1.0]
+    monkeypatch.setattr(timing, "compare_ms", compare_ms)
+    slow = lambda: _time.sleep(timing.ROUND_BUDGET_MS / 1e3)  # noqa: E731 - one call spends the round
+    compare_rounds([slow, lambda: 0], CPU, repeats=5)
+    assert seen[0] == (timing.MIN_CALLS, 2) and all(s == (timing.MIN_CALLS, 1) for s in seen[1:])
+    seen.clear()
+    compare_rounds([lambda: 0, lambda: 0], CPU, repeats=5)
+    assert seen[0][0] == 5, "short calls keep the requested repeats"
