@@ -3,6 +3,7 @@
 
     python benchmarks/bench_cpu.py                    # per layer + the demo LM end to end
     python benchmarks/bench_cpu.py --quick            # fewer shapes and token counts
+    python benchmarks/bench_cpu.py --dtypes bfloat16  # bf16 activations and weights
     python benchmarks/bench_cpu.py --smoke --no-write # tiny: exercises every provider
 
 Per layer, y = x @ W^T with x [M, K], W [N, K] (nn.Linear), random normal weights and inputs,
@@ -13,7 +14,12 @@ interleaved in one run (ratios of minima):
     torch-csr     (W_csr @ x^T)^T + b, W_csr = W.to_sparse_csr()       (torch's CSR path as a user writes it)
     sparsify-csr  sparsify::csr_linear, token-major in and out         (MKL CSR, bias in the multiply, int32)
     sparsify-csr-fm  sparsify::csr_linear on x^T, layout "feature"     (inside a chain of sparse layers)
+    sparsify-cpu  sparsify::csr_cpu_linear, token-major in and out     (the generated CPU kernel; a lone layer)
+    sparsify-cpu-fm  sparsify::csr_cpu_linear, layout "feature"        (the generated kernel inside a chain)
     sparsify-bsr-blocks  sparsify::bsr_blocks_linear                   (block patterns: a dense product per block)
+
+bf16 (--dtypes bfloat16): dense is F.linear in bf16 (oneDNN), ours stores bf16 and accumulates in
+fp32; torch's CSR matmul has no bf16 CPU kernel (its rows say so).
 
 Whole model: the built-in demo LM (sparsify.models.tiny_lm, 64-block FFN pruning at 90%), compiled
 by sparsify.compile with Auto from a fresh cost cache, against the dense model, interleaved rounds.
@@ -35,13 +41,18 @@ import harness as H  # noqa: E402
 
 H.import_sparsify()
 
-SHAPES = ((768, 3072), (3072, 768), (256, 1024), (1024, 256))   # (K, N): BERT-base FFN, the demo LM's FFN
-QUICK_SHAPES = ((768, 3072), (256, 1024))
-MS = (1, 16, 128, 512)
-QUICK_MS = (1, 128, 512)
+MS = (1, 16, 128, 512, 2048)
+# (K, N, token counts): BERT-base's FFN and attention projections, a 7B model's square projection
+# at prefill and its FFN up-projection at decode, the demo LM's FFN
+SHAPES = ((768, 3072, MS), (3072, 768, MS), (768, 768, (1, 128, 2048)), (4096, 4096, (2048,)),
+          (4096, 11008, (1, 16)), (256, 1024, (1, 128, 512)))
+QUICK_SHAPES = ((768, 3072, (1, 128, 512)), (3072, 768, (128, 512)))
 SPARSITIES = (0.5, 0.75, 0.9, 0.95)
 BLOCKS = ((32, 0.25), (64, 0.1))                                  # (block, density)
-SMOKE = dict(shapes=((64, 96),), ms=(1, 5), sparsities=(0.9,), blocks=((32, 0.5),))
+MKL_MAX_M = 512
+STACKED_MS = (1, 16, 128, 2048)
+BF16_TOL = 1e-2   # bf16 inputs and outputs: ~3e-3 rounding against the float32 reference
+SMOKE = dict(shapes=((64, 96, (1, 5)),), sparsities=(0.9,), blocks=((32, 0.5),))
 
 
 def parse_args(argv=None):
@@ -51,7 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes; checks code paths, times mean little")
     p.add_argument("--M", type=H.ints, default=None)
     p.add_argument("--sparsities", type=H.floats, default=None)
+    p.add_argument("--dtypes", type=H.names_from(("float32", "bfloat16")), default=("float32",))
     p.add_argument("--no-model", action="store_true", help="per layer only")
+    p.add_argument("--only-stacked", action="store_true", help="only the q|k|v case (stack_siblings)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--tol", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -72,13 +85,26 @@ def layer_providers(x, w_masked, b, pattern: str, block: int | None):
     from sparsify.codegen.kernels.bsr_linear import pack_bsr
 
     n, k = w_masked.shape
-    ref = lambda: F.linear(x, w_masked, b)  # noqa: E731
+    ref = lambda: F.linear(x.float(), w_masked.float(), b.float())  # noqa: E731
     w_dense = w_masked.clone()
     out = [H.Provider("dense", lambda: F.linear(x, w_dense, b), "dense", ref=ref, baseline=True)]
     if block is None:
         wc = w_masked.to_sparse_csr()
         crow, col, values = _csr_parts(w_masked)
         xt = x.t().contiguous()
+        cpu = torch.ops.sparsify.csr_cpu_linear
+        out += [
+            H.Provider("sparsify-cpu", lambda: cpu(x, crow, col, values, n, k, bias=b), pattern, ref=ref),
+            H.Provider("sparsify-cpu-fm", lambda: cpu(xt, crow, col, values, n, k, "feature", bias=b), pattern,
+                       ref=ref, out=lambda y: y.t(), note="x^T given, y^T returned (inside a chain)"),
+        ]
+        if x.dtype != torch.float32:    # torch's CSR matmul and csr_linear have no bf16 CPU kernel
+            return out
+        if x.shape[0] > MKL_MAX_M and k * n >= 768 * 3072:
+            why = (f"skip: MKL's CSR takes seconds a call at M > {MKL_MAX_M} on this shape (1.5 s at "
+                   f"3072->768, M=2048, 50%); its rows at M <= {MKL_MAX_M} show the trend")
+            return out + [H.Provider(name, None, pattern, status=why) for name in
+                          ("torch-csr", "sparsify-csr", "sparsify-csr-fm")]
         out += [
             H.Provider("torch-csr", lambda: (wc @ x.t()).t() + b, pattern, ref=ref),
             H.Provider("sparsify-csr", lambda: torch.ops.sparsify.csr_linear(x, crow, col, values, n, k, bias=b),
@@ -96,28 +122,71 @@ def layer_providers(x, w_masked, b, pattern: str, block: int | None):
 
 
 def run_layers(args, timer, table, results):
-    from sparsify.passes.analysis import criteria
-
     gen = torch.Generator().manual_seed(args.seed)
     shapes = SMOKE["shapes"] if args.smoke else (QUICK_SHAPES if args.quick else SHAPES)
-    ms = args.M or (SMOKE["ms"] if args.smoke else (QUICK_MS if args.quick else MS))
     sparsities = args.sparsities or (SMOKE["sparsities"] if args.smoke else SPARSITIES)
     blocks = SMOKE["blocks"] if args.smoke else BLOCKS
-    for k, n in shapes:
-        w = torch.randn(n, k, generator=gen) / k ** 0.5
-        b = torch.randn(n, generator=gen)
-        scores = w.abs()
-        cases = [(f"unstructured {s:g}", w * criteria.unstructured_mask(scores, s, per_row=False), None)
-                 for s in sparsities]
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for k, n, shape_ms in () if args.only_stacked else shapes:
+            _run_shape(args, timer, table, results, gen, k, n, args.M or shape_ms, dtype, sparsities, blocks)
+    for m in args.M or ((5,) if args.smoke else STACKED_MS):
+        _run_stacked(args, timer, table, results, gen, 48 if args.smoke else 768, m)
+
+
+def _run_stacked(args, timer, table, results, gen, d, m):
+    """Attention's q, k, v (three d->d layers on one x, 90% unstructured): three dense F.linear, three
+    csr_cpu calls, and one csr_cpu call over the stacked rows (what passes/rewrite/stack_siblings.py
+    makes of them); the three outputs are checked as one [M, 3d] tensor."""
+    from sparsify.codegen.kernels.csr_linear import stack_csr
+    from sparsify.passes.analysis import criteria
+
+    x = torch.randn(1, m, d, generator=gen)
+    parts, ws, bs = [], [], []
+    for _ in range(3):
+        w = torch.randn(d, d, generator=gen) / d ** 0.5
+        w = w * criteria.unstructured_mask(w.abs(), 0.9, per_row=False)
+        b = torch.randn(d, generator=gen)
+        crow, col, values = _csr_parts(w)
+        parts.append({"crow": crow, "col": col, "values": values.contiguous(), "bias": b, "n_out": d})
+        ws.append(w)
+        bs.append(b)
+    s = stack_csr(parts)
+    cpu = torch.ops.sparsify.csr_cpu_linear
+    ref = lambda: torch.cat([F.linear(x, w, b) for w, b in zip(ws, bs)], -1)  # noqa: E731
+    providers = [
+        H.Provider("dense", ref, "dense", ref=ref, baseline=True, note="three F.linear"),
+        H.Provider("sparsify-cpu x3", lambda: [cpu(x, p["crow"], p["col"], p["values"], d, d, bias=p["bias"])
+                                               for p in parts], "unstructured 0.9", ref=ref,
+                   out=lambda ys: torch.cat(ys, -1), note="three calls, each packing x"),
+        H.Provider("sparsify-cpu stacked", lambda: cpu(x, s["crow"], s["col"], s["values"], 3 * d, d, bias=s["bias"]),
+                   "unstructured 0.9", ref=ref, note="one call over the stacked rows (stack_siblings)"),
+    ]
+    rows = H.run_case({"shape": f"{d}->3x{d} (q|k|v)", "M": m, "dtype": "float32"}, providers, timer, args.tol)
+    for row in table.add(rows):
+        print(table.line(row), flush=True)
+    results.progress(table.markdown, table.rows)
+
+
+def _run_shape(args, timer, table, results, gen, k, n, ms, dtype, sparsities, blocks):
+    from sparsify.passes.analysis import criteria
+
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    b = torch.randn(n, generator=gen)
+    scores = w.abs()
+    cases = [(f"unstructured {s:g}", w * criteria.unstructured_mask(scores, s, per_row=False), None)
+             for s in sparsities]
+    if dtype == torch.float32:
         cases += [(f"block{bl} d={d:g}", w * criteria.block_mask(scores, bl, d), bl) for bl, d in blocks]
-        for m in ms:
-            x = torch.randn(m, k, generator=gen)
-            for pattern, wm, block in cases:
-                rows = H.run_case({"shape": f"{k}->{n}", "M": m}, layer_providers(x, wm, b, pattern, block),
-                                  timer, args.tol)
-                for row in table.add(rows):
-                    print(table.line(row), flush=True)
-                results.progress(table.markdown, table.rows)
+    for m in ms:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        for pattern, wm, block in cases:
+            rows = H.run_case({"shape": f"{k}->{n}", "M": m, "dtype": str(dtype).removeprefix("torch.")},
+                              layer_providers(x, wm.to(dtype), b.to(dtype), pattern, block), timer,
+                              args.tol if dtype == torch.float32 else BF16_TOL)
+            for row in table.add(rows):
+                print(table.line(row), flush=True)
+            results.progress(table.markdown, table.rows)
 
 
 def run_model(args, device):
@@ -150,11 +219,12 @@ def main(argv=None) -> int:
     device = torch.device("cpu")
     timer = H.Timer(device, repeats=args.repeats)
     env = H.Environment(device, [("timing", timer.description),
-                                 ("reference", f"float32 F.linear on the masked weight; WRONG above {args.tol:g}")])
+                                 ("reference", f"float32 F.linear on the masked weight; WRONG above {args.tol:g} "
+                                               f"(bf16: {BF16_TOL:g})")])
     path = H.results_path(device, "-cpu", args.out, smoke=args.smoke, no_write=args.no_write)
     results = H.Results(path, f"bench_cpu: {env.info['device']}", env)
     print(env.banner(), flush=True)
-    table = H.ProviderTable((("shape (K->N)", "shape"), ("M", "M")), args.tol)
+    table = H.ProviderTable((("shape (K->N)", "shape"), ("M", "M"), ("dtype", "dtype")), args.tol)
     run_layers(args, timer, table, results)
     body = table.markdown()
     if not args.no_model:

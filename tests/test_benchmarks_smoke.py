@@ -155,8 +155,22 @@ def test_bench_cpu_smoke_runs_every_provider_correctly(tmp_path):
     import bench_cpu
 
     out = tmp_path / "cpu.md"
-    assert bench_cpu.main(["--smoke", "--out", str(out)]) == 0
+    assert bench_cpu.main(["--smoke", "--dtypes", "float32,bfloat16", "--out", str(out)]) == 0
     text = out.read_text()
-    for provider in ("torch-csr", "sparsify-csr", "sparsify-csr-fm", "sparsify-bsr-blocks", "demo LM"):
+    for provider in ("torch-csr", "sparsify-csr", "sparsify-csr-fm", "sparsify-bsr-blocks", "demo LM",
+                     "sparsify-cpu", "sparsify-cpu-fm", "| bfloat16 |", "sparsify-cpu stacked"):
         assert provider in text
     assert "**WRONG**" not in text and "error:" not in text and "load average" in text
+
+
+def test_bench_cpu_models_smoke_compiles_and_says_when_a_peer_is_absent(tmp_path, monkeypatch):
+    import bench_cpu_models
+
+    out = tmp_path / "models.md"
+    monkeypatch.delenv("SPARSIFY_PEER_PYTHON", raising=False)
+    rc = bench_cpu_models.main(["--smoke", "--models", "bert-b1", "--rounds", "1", "--calls", "1",
+                                "--peer-python", str(tmp_path / "no-such-python"), "--out", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert "| bert-b1 | 1x16 | sparsify |" in text and "| bert-b1 | 1x16 | torch dense |" in text
+    assert "| deepsparse | - | - | - | - | absent: --peer-python=" in text and "load average" in text
