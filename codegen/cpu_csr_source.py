@@ -1,7 +1,7 @@
 """The CPU code generator for sparse-weight x dense-activation kernels: C source per kernel variant.
 
 A variant is specialised to a layer's shape (N, K are constants), its element types (fp32, or bf16
-stored and converted to fp32 in registers), its fused epilogue (bias, activation, residual, output
+stored: x is converted once into fp32 token tiles, a weight value as it is read), its fused epilogue (bias, activation, residual, output
 dtype) and where it stores (feature-major y^T [N, M] or token-major y [M, N]). What the code does:
 
 - tokens along the vector lanes: x arrives feature-major, x^T [K, M], so one nonzero W[n, j] is a
@@ -21,7 +21,7 @@ when the generated code changes: it is part of every generated kernel's cost-cac
 """
 from __future__ import annotations
 
-TEMPLATE_VERSION = "cpu-csr-8"
+TEMPLATE_VERSION = "cpu-csr-9"
 
 _TYPES = {"float32": "f32", "bfloat16": "bf16"}                 # inputs (x, values, bias, residual)
 _OUT_TYPES = {**_TYPES, "float16": "f16"}                        # outputs: also a cast to fp16
@@ -48,12 +48,10 @@ _HEADER = r"""
 #define VW 4
 #endif
 #ifndef NV
-#define NV (32 / VW)   /* vectors per token tile: 32 tokens (measured against 8, 16, 64 on BERT-base shapes) */
+#define NV (64 / VW)   /* vectors per token tile: 64 tokens (measured best against 32 and 128 on BERT-base shapes) */
 #endif
 #define MT (NV * VW)
 typedef float vf __attribute__((vector_size(VW * 4)));
-typedef uint16_t vh __attribute__((vector_size(VW * 2)));
-typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 
 /* Vector math for the epilogue, written on GCC vector types so that it is always vectorised and
    inlined: glibc's vector expf is a call per vector, and the erf GELU through it cost ~10 cycles an
@@ -91,16 +89,10 @@ _ELEMENT = {
     "f32": r"""
 typedef float tin;
 static inline float in_(tin v) { return v; }
-static inline vf vin_(const tin* p) { vf f; memcpy(&f, p, sizeof f); return f; }
 """,
     "bf16": r"""
 typedef uint16_t tin;
 static inline float in_(tin v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline vf vin_(const tin* p) {
-  vh h; memcpy(&h, p, sizeof h);
-  vu u = __builtin_convertvector(h, vu) << 16;
-  vf f; memcpy(&f, &u, sizeof f); return f;
-}
 """,
 }
 
@@ -161,11 +153,12 @@ static inline int tile_width(int64_t m0, int64_t M) {{
   return m0 + MT <= M ? MT : m0 + 2 * VW <= M ? 2 * VW : m0 + VW <= M ? VW : (int)(M - m0);
 }}
 
-/* one nonzero's update of W vectors: acc += w * xt[col, 0 : W * VW] */
+/* one nonzero's update of W vectors: acc += w * xt[col, 0 : W * VW] (the tiles are fp32 whatever
+   x's type: pack_in converts once, not once per nonzero) */
 #define STEP(W) {{ \
     vf w = (vf){{0}} + in_(val[p]); \
-    const tin* xr = xt + (int64_t)col[p] * (W * VW); \
-    for (int i = 0; i < W; i++) acc[i] += w * vin_(xr + VW * i); \
+    const float* xr = xt + (int64_t)col[p] * (W * VW); \
+    for (int i = 0; i < W; i++) {{ vf v; memcpy(&v, xr + VW * i, sizeof v); acc[i] += w * v; }} \
   }}
 /* The x^T rows a tile reads are scattered over K (one per nonzero), which the hardware prefetcher
    does not follow: the row PD nonzeros ahead (this row's or the next row's) is requested now, for p
@@ -173,13 +166,13 @@ static inline int tile_width(int64_t m0, int64_t M) {{
    without keeping it in the outer caches (it is read once per tile; x's tile is what must stay). */
 #define TILE(W) \
 static inline void tile##W(int n, int cnt, const int32_t* rp, const int32_t* col, const tin* val, \
-                           const tin* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{ \
+                           const float* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{ \
   vf acc[W]; \
   for (int i = 0; i < W; i++) acc[i] = (vf){{0}} + b; \
   int32_t p = rp[n], pe = rp[n + 1], pm = pe < plim ? pe : plim; \
   for (; p < pm; p++) {{ \
     const char* ahead = (const char*)(xt + (int64_t)col[p + PD] * (W * VW)); \
-    for (int l = 0; l < (int)(W * VW * sizeof(tin)); l += 64) __builtin_prefetch(ahead + l); \
+    for (int l = 0; l < (int)(W * VW * sizeof(float)); l += 64) __builtin_prefetch(ahead + l); \
     if ((p & 15) == 0) {{ __builtin_prefetch(val + p + WPD, 0, 0); __builtin_prefetch(col + p + WPD, 0, 0); }} \
     STEP(W) \
   }} \
@@ -192,14 +185,14 @@ TILE(2)
 TILE(1)
 
 static inline void tileS(int n, int cnt, const int32_t* rp, const int32_t* col, const tin* val,
-                         const tin* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{
+                         const float* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{
   float acc[VW];
   (void)plim;
   for (int t = 0; t < cnt; t++) acc[t] = b;
   for (int32_t p = rp[n]; p < rp[n + 1]; p++) {{
     float w = in_(val[p]);
-    const tin* xr = xt + (int64_t)col[p] * cnt;
-    for (int t = 0; t < cnt; t++) acc[t] += w * in_(xr[t]);
+    const float* xr = xt + (int64_t)col[p] * cnt;
+    for (int t = 0; t < cnt; t++) acc[t] += w * xr[t];
   }}
   finish(n, m0, cnt, acc, res, dst, stride);
 }}
@@ -214,21 +207,22 @@ static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose sta
    parallel region; threads split K. Token-major input moves in 16 x 16 blocks, so both sides of a
    block stay in cache (torch's x.t().contiguous() runs at ~2.5 GB/s here, which would cost more
    than the sparse product of a 90% layer). */
-static void pack_in(const tin* x, tin* xs, int64_t M) {{
+static void pack_in(const tin* x, float* xs, int64_t M) {{
   #pragma omp for schedule(static)
   for (int k0 = 0; k0 < K_IN; k0 += 16) {{
     int kn = K_IN - k0 < 16 ? K_IN - k0 : 16;
     for (int64_t m0 = 0; m0 < M;) {{
       int w = tile_width(m0, M);
-      tin* dst = xs + (int64_t)K_IN * m0;
+      float* dst = xs + (int64_t)K_IN * m0;
 #if IN_ROW
       for (int mb = 0; mb < w; mb += 16) {{
         int mn = w - mb < 16 ? w - mb : 16;
         for (int k = k0; k < k0 + kn; k++)
-          for (int m = 0; m < mn; m++) dst[(int64_t)k * w + mb + m] = x[(m0 + mb + m) * K_IN + k];
+          for (int m = 0; m < mn; m++) dst[(int64_t)k * w + mb + m] = in_(x[(m0 + mb + m) * K_IN + k]);
       }}
 #else
-      for (int k = k0; k < k0 + kn; k++) memcpy(dst + (int64_t)k * w, x + (int64_t)k * M + m0, w * sizeof(tin));
+      for (int k = k0; k < k0 + kn; k++)
+        for (int m = 0; m < w; m++) dst[(int64_t)k * w + m] = in_(x[(int64_t)k * M + m0 + m]);
 #endif
       m0 += w;
     }}
@@ -250,9 +244,9 @@ static void pack_in(const tin* x, tin* xs, int64_t M) {{
 #define BIAS(n) {bias_n}
 
 /* y = epilogue(W @ x^T): x feature-major [K, M], or token-major [M, K] (IN_ROW); y feature-major
-   [N, M], or token-major [M, N] (OUT_ROW); scratch: K * M values for the packed tiles */
+   [N, M], or token-major [M, N] (OUT_ROW); scratch: K * M floats for the packed tiles */
 void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x, const tin* bias,
-            const tin* res, tout* y, int64_t M, int nthreads, tin* scratch) {{
+            const tin* res, tout* y, int64_t M, int nthreads, float* scratch) {{
   if (M == 1) {{   /* one token: x is the same vector in both layouts */
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int n0 = 0; n0 < N_OUT; n0 += MT) {{   /* MT rows at a time: the epilogue on whole vectors */
@@ -278,7 +272,7 @@ void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x,
     tout buf[MT * RB];
     (void)buf;
     int64_t m0 = 0;
-    const tin* xt;
+    const float* xt;
     for (; m0 + MT <= M; m0 += MT) {{ xt = scratch + K_IN * m0; ROWS(tileNV, MT) }}
     for (; m0 + 2 * VW <= M; m0 += 2 * VW) {{ xt = scratch + K_IN * m0; ROWS(tile2, 2 * VW) }}
     for (; m0 + VW <= M; m0 += VW) {{ xt = scratch + K_IN * m0; ROWS(tile1, VW) }}
@@ -301,7 +295,8 @@ def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias
 
     dtype: of x, the values, bias and residual ("float32" / "bfloat16"); out_dtype: of y. in_row: x
     arrives token-major [M, k] (else feature-major x^T [k, M]); out_row: store token-major y [M, n]
-    (else feature-major y^T [n, M]). The function's last argument is a [k, M] scratch for in_row."""
+    (else feature-major y^T [n, M]). The function's last argument is a float32 [k, M] scratch for the
+    packed token tiles (unused for M == 1)."""
     if dtype not in _TYPES or out_dtype not in _OUT_TYPES:
         raise ValueError(f"generated CPU kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
                          f"got {dtype} -> {out_dtype}")

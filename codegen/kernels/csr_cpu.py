@@ -185,7 +185,7 @@ def _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activa
 def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
     xc = x.reshape(m, k_in).contiguous() if row else x.contiguous()
     # the kernel packs x into token tiles here (one token needs none)
-    scratch = torch.empty(k_in * m, dtype=x.dtype) if m > 1 else None
+    scratch = torch.empty(k_in * m, dtype=torch.float32) if m > 1 else None   # fp32 tiles, any x dtype
     b = bias.to(x.dtype).contiguous() if bias is not None else None
     r = residual.reshape(m, n_out).to(x.dtype).contiguous() if residual is not None else None
     fn(crow.data_ptr(), col.data_ptr(), values.data_ptr(), xc.data_ptr(), b.data_ptr() if b is not None else None,
