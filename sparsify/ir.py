@@ -240,10 +240,19 @@ def replace_with_call(gm: fx.GraphModule, node: fx.Node, target, args: tuple, pr
     new.meta[FROM] = provenance
     if plan is not None:
         new.meta[PLAN] = plan
+    replace_node(gm, node, new)
+    return new
+
+
+def replace_node(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> list[str]:
+    """`new` takes `node`'s uses, `node` goes, and so do the get_attr inputs nothing reads any more;
+    returns the targets of those get_attrs."""
     inputs = node.all_input_nodes
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    dropped = []
     for n in inputs:
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
-    return new
+            dropped.append(n.target)
+    return dropped

@@ -7,6 +7,7 @@ the reason) when there is none, and the benchmark says the peer is absent instea
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -39,6 +40,9 @@ def export_onnx(model: torch.nn.Module, inputs: dict[str, torch.Tensor], path: P
     TorchScript exporter (dynamo=False: what DeepSparse 1.8's ONNX 1.14 reads)."""
     path = Path(path)
     names = list(inputs)
+    # a copy: the TorchScript exporter's tracing leaves an HF model measurably slower afterwards
+    # (MiniLM in eager: 1.3-1.5x), which would tax the torch provider timed on the same object
+    model = copy.deepcopy(model)
     with torch.no_grad():
         torch.onnx.export(_Positional(model, names), tuple(inputs.values()), str(path), input_names=names,
                           output_names=list(output_names), opset_version=14, dynamo=False, do_constant_folding=True)

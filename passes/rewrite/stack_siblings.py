@@ -90,13 +90,8 @@ def _stack(gm: fx.GraphModule, group: list[fx.Node]) -> fx.Node:
         slices.append(part)
         start += width
     for n, part in zip(group, slices):
-        inputs = n.all_input_nodes
-        n.replace_all_uses_with(part)
-        gm.graph.erase_node(n)
-        for i in inputs:
-            if i.op == "get_attr" and not i.users:
-                gm.graph.erase_node(i)
-                _drop_buffer(gm, i.target)
+        for target in ir.replace_node(gm, n, part):
+            _drop_buffer(gm, target)
     return new
 
 
