@@ -47,12 +47,13 @@ def _autograd_kernel(op: str) -> Callable:
     layer), as much as a whole 90%-sparse BERT-base projection; this kernel costs ~8 us. A compiled
     model runs its graph under no_grad and marks its outputs itself (sparsify/inference.py)."""
     namespace, _, name = op.partition("::")
+    overload = getattr(getattr(torch.ops, namespace), name).default   # defined before its kernels
     message = (f"{op} is inference-only (no backward): to train, train the original model, then compile it "
                f"again")
 
     def kernel(*args, **kwargs):
         with torch._C._AutoDispatchBelowAutograd():
-            out = getattr(getattr(torch.ops, namespace), name).default(*args, **kwargs)
+            out = overload(*args, **kwargs)
         if torch.is_grad_enabled():
             for a in args:
                 if isinstance(a, torch.Tensor) and a.requires_grad:

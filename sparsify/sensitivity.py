@@ -22,6 +22,7 @@ class ModelSensitivity:
         self.batches = list(batches)[:MAX_BATCHES]
         self.chosen: dict[str, torch.Tensor] = {}
         self._chosen_error: float | None = 0.0    # the error with `chosen` applied, when known
+        self._last: tuple[dict, float] | None = None   # the last measured substitution and its error
         self._params = dict(gm.named_parameters())
         self._params.update(gm.named_buffers())
         with torch.no_grad():
@@ -51,7 +52,7 @@ class ModelSensitivity:
         return err
 
     def accept(self, substitute: dict[str, torch.Tensor]) -> None:
-        last = getattr(self, "_last", None)
+        last = self._last
         if last is not None and last[0].keys() == substitute.keys() and \
                 all(last[0][k] is substitute[k] for k in substitute):
             self._chosen_error = last[1]          # measured just now, with this substitution

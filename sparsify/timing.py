@@ -160,6 +160,7 @@ def compare_rounds(fns, device: torch.device, repeats: int = 5, min_rounds: int 
     for i, fn in enumerate(fns):
         try:
             with torch.no_grad():
+                fn()        # the first call may build a kernel or fill a cache: not what a call costs
                 t0 = time.perf_counter()
                 fn()
                 once_ms.append((time.perf_counter() - t0) * 1e3)

@@ -118,9 +118,7 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the kernel reads it as a flat array)")
     _check_indices(crow, col, k_in, check_indices)
-    lead = tuple(xr.shape[:-1])
-    m = math.prod(lead)
-    out_shape = (n_out, m) if y_feature else lead + (n_out,)
+    m, lead, out_shape = _shapes(x, x_feature, y_feature, k_in, n_out)
     check_out(out, out_shape, out_dtype, x.device)
     y = out if out is not None else torch.empty(out_shape, dtype=out_dtype)
     if m == 0 or n_out == 0:
@@ -165,21 +163,23 @@ def _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activa
     if hit is None or x.device.type != "cpu" or not hit.holds((crow, col, values, bias)):
         return None
     x_feature, y_feature = layout_ends(layout)
-    if x_feature:
-        if x.dim() != 2 or x.shape[0] != k_in:
-            return None
-        m, lead = x.shape[1], (x.shape[1],)
-    else:
-        if x.dim() < 1 or x.shape[-1] != k_in:
-            return None
-        m, lead = (x.numel() // k_in if k_in else 0), tuple(x.shape[:-1])
-    shape = (n_out, m) if y_feature else lead + (n_out,)
+    dims_ok = x.dim() == 2 if x_feature else x.dim() >= 1
+    if not dims_ok or (x.shape[0] if x_feature else x.shape[-1]) != k_in:
+        return None
+    m, lead, shape = _shapes(x, x_feature, y_feature, k_in, n_out)
     if m == 0 or (residual is not None and (residual.device.type != "cpu" or residual.numel() != m * n_out
                                             or residual.shape[-1] != n_out
                                             or (not x_feature and tuple(residual.shape) != lead + (n_out,)))):
         return None
     y = torch.empty(shape, dtype=out_dtype or x.dtype)
     return _launch(hit.fn, x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
+
+
+def _shapes(x, x_feature: bool, y_feature: bool, k_in: int, n_out: int):
+    """(tokens M, their shape, the output's shape) of an x that passed the shape checks."""
+    lead = (x.shape[1],) if x_feature else tuple(x.shape[:-1])
+    m = math.prod(lead)
+    return m, lead, (n_out, m) if y_feature else lead + (n_out,)
 
 
 def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
