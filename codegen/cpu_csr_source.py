@@ -21,93 +21,12 @@ when the generated code changes: it is part of every generated kernel's cost-cac
 """
 from __future__ import annotations
 
+from .cpu_vector import ACTIVATIONS as _ACTIVATIONS, ELEMENT as _ELEMENT, HEADER as _HEADER, OUT as _OUT
+
 TEMPLATE_VERSION = "cpu-csr-9"
 
 _TYPES = {"float32": "f32", "bfloat16": "bf16"}                 # inputs (x, values, bias, residual)
 _OUT_TYPES = {**_TYPES, "float16": "f16"}                        # outputs: also a cast to fp16
-
-_ACTIVATIONS = {   # on a vector v of VW values
-    "none": "return v;",
-    "relu": "return vmax(v, vsplat(0.f));",
-    "gelu": "return 0.5f * v * (1.f + verf(v * 0.70710678118654752f));",
-    "gelu_tanh": "return 0.5f * v * (1.f + vtanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));",
-    "silu": "return v / (1.f + vexp(-v));",
-}
-
-_HEADER = r"""
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-#include <omp.h>
-
-#if defined(__AVX512F__)
-#define VW 16
-#elif defined(__AVX__)
-#define VW 8
-#else
-#define VW 4
-#endif
-#ifndef NV
-#define NV (64 / VW)   /* vectors per token tile: 64 tokens (measured best against 32 and 128 on BERT-base shapes) */
-#endif
-#define MT (NV * VW)
-typedef float vf __attribute__((vector_size(VW * 4)));
-
-/* Vector math for the epilogue, written on GCC vector types so that it is always vectorised and
-   inlined: glibc's vector expf is a call per vector, and the erf GELU through it cost ~10 cycles an
-   element (more than torch's own GELU). C has no vector ?:, so selects are bit masks. */
-typedef int32_t vi __attribute__((vector_size(VW * 4)));
-static inline vf vsplat(float a) { return (vf){0} + a; }
-static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
-static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
-static inline vf vmin(vf a, vf b) { return vsel(a < b, a, b); }
-#define SIGN ((vi){0} + (int32_t)0x80000000)
-/* exp: n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2], e^r by its Taylor series to r^6
-   (relative error < 2e-7), times 2^n built in the exponent bits; clamped where fp32 saturates
-   (-ffast-math assumes no infinities) */
-static inline vf vexp(vf x) {
-  x = vmin(vmax(x, vsplat(-87.f)), vsplat(88.f));
-  vf t = x * 1.44269504088896341f;
-  vi n = __builtin_convertvector(t + (vf)((vi)vsplat(0.5f) | ((vi)t & SIGN)), vi);
-  vf nf = __builtin_convertvector(n, vf);
-  vf r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  vf p = ((((((1.f / 720) * r + 1.f / 120) * r + 1.f / 24) * r + 1.f / 6) * r + 0.5f) * r + 1.f) * r + 1.f;
-  return p * (vf)((n + 127) << 23);
-}
-/* erf: Abramowitz & Stegun 7.1.26, |error| < 1.5e-7 */
-static inline vf verf(vf x) {
-  vi sign = (vi)x & SIGN;
-  vf a = (vf)((vi)x & ~SIGN);
-  vf t = 1.f / (1.f + 0.3275911f * a);
-  vf y = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
-  return (vf)((vi)(1.f - y * vexp(-a * a)) | sign);
-}
-static inline vf vtanh(vf x) { return 1.f - 2.f / (vexp(2.f * vmin(vmax(x, vsplat(-15.f)), vsplat(15.f))) + 1.f); }
-"""
-
-_ELEMENT = {
-    "f32": r"""
-typedef float tin;
-static inline float in_(tin v) { return v; }
-""",
-    "bf16": r"""
-typedef uint16_t tin;
-static inline float in_(tin v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-""",
-}
-
-_OUT = {
-    "f32": "typedef float tout;\nstatic inline tout out_(float f) { return f; }\n",
-    "f16": "typedef _Float16 tout;\nstatic inline tout out_(float f) { return (_Float16)f; }\n",
-    "bf16": r"""typedef uint16_t tout;
-static inline tout out_(float f) {   /* round to nearest even, once, at the store */
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (tout)((u >> 16) | 0x40);   /* a NaN stays a NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (tout)(u >> 16);
-}
-""",
-}
 
 _BODY = r"""
 #define N_OUT {n}

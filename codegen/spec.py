@@ -29,6 +29,9 @@ from . import runtime
 
 _LIBRARIES: dict[str, torch.library.Library] = {}   # namespace -> the fragment our ops are defined in
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+# What a kernel replaces: a weight layer ("linear": linear / addmm / mm; "conv2d") or a whole FFN
+# block with its activation sparsity (the activation family's sites).
+REPLACES = ("linear", "conv2d", "ffn")
 
 
 def _library(namespace: str) -> torch.library.Library:
@@ -68,7 +71,7 @@ class KernelSpec:
     op: str                       # qualified op name, "sparsify::bsr_linear"
     schema: str                   # "(Tensor x, ...) -> Tensor": the op's arguments, written here only
     patterns: tuple               # pattern classes it serves
-    replaces: str                 # the layer kind it replaces: "linear" (linear/addmm/mm) or "conv2d"
+    replaces: str                 # what it replaces (REPLACES): a layer kind, or "ffn" (a whole FFN block)
     devices: tuple                # device types where it is a planning candidate
     impl: Callable                # the implementation (schema arguments, in order)
     pack: Callable[..., Prepared]  # (masked weight, pattern, layer params or None) -> Prepared
@@ -84,8 +87,8 @@ class KernelSpec:
     stack_rows: Callable[[list[dict]], dict] | None = None
 
     def __post_init__(self):
-        if self.replaces not in ("linear", "conv2d"):
-            raise ValueError(f"KernelSpec {self.name}: replaces must be 'linear' or 'conv2d', got {self.replaces!r}")
+        if self.replaces not in REPLACES:
+            raise ValueError(f"KernelSpec {self.name}: replaces must be one of {REPLACES}, got {self.replaces!r}")
         namespace, _, name = self.op.partition("::")
         if not hasattr(getattr(torch.ops, namespace), name):   # a re-imported kernel file keeps its op
             lib = _library(namespace)

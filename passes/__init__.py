@@ -1,6 +1,6 @@
 """Analysis and rewrite passes and the families (installed as sparsify.passes).
 
-Importing this package registers the families (channel, weight, and the declared activation /
+Importing this package registers the families (channel, activation, weight, and the declared
 attention / spatial ones) and the default pipeline, by phase:
 
   canonicalize  drop_identities -> fold_batchnorm
@@ -9,8 +9,9 @@ attention / spatial ones) and the default pipeline, by phase:
   lower         fuse_epilogues -> assign_layouts -> stack_siblings
 """
 from .families.channel import family as _channel  # noqa: F401  (channel first: see families/__init__)
+from .families.activation import family as _activation  # noqa: F401  (FFN blocks before their layers)
 from .families.weight import family as _weight  # noqa: F401
-from .families import activation, attention, spatial  # noqa: F401  (declared families)
+from .families import attention, spatial  # noqa: F401  (declared families)
 from .rewrite import drop_identities, fold_batchnorm  # noqa: F401  (registration order is pipeline order in a phase)
 from .analysis import find_sites, calibrate, plan_sites  # noqa: F401
 from .rewrite import rewrite_sites, rules, fuse_epilogue, assign_layouts, stack_siblings  # noqa: F401

@@ -12,8 +12,8 @@ from .family import (Family, Measured, Probe, Site, SiteSkipped, Trial, Unsuppor
                      register_family, unregister_family)
 from .module import SparseModule
 from .persist import load
-from .patterns import (NM, ActivationThreshold, Auto, Block, BlockMask, Causal, Channel, Dense, Pattern,
-                       PatternError, SlidingWindow, Strided, Submanifold, TopK, Unstructured,
+from .patterns import (NM, ActivationThreshold, Auto, Block, BlockMask, Causal, Channel, Dense, ExactZeros, Pattern,
+                       PatternError, PredictedActive, SlidingWindow, Strided, Submanifold, TopK, Unstructured,
                        pattern_from_dict, register_pattern)
 from .pipeline import (PHASES, MatchFailure, PassContext, PassResult, Pipeline, RewriteRule, register_pass,
                        register_rule)
@@ -25,7 +25,7 @@ from .state import CompileState, Prepared
 _pipeline.set_builtin_loader(passes_loader.load)
 
 __all__ = ["compile", "load", "Config", "ConfigError", "SparseModule", "Plan", "LayerPlan", "Candidate", "Dense", "Auto",
-           "Unstructured", "NM", "Block", "Channel", "ActivationThreshold", "TopK", "Causal",
+           "Unstructured", "NM", "Block", "Channel", "ActivationThreshold", "ExactZeros", "PredictedActive", "TopK", "Causal",
            "SlidingWindow", "Strided", "BlockMask", "Submanifold", "Pattern", "PatternError", "pattern_from_dict",
            "register_pattern", "Family", "Site", "Probe", "Trial", "Measured", "SiteSkipped", "register_family",
            "unregister_family", "families", "UnsupportedPatternError", "CompileState", "Prepared",

@@ -81,7 +81,7 @@ def cmd_demo(a) -> int:
     cfg = Config(weight=a.pattern, max_error=a.max_error)
     large = a.size == "large" or (a.size == "auto" and device.type == "cuda")
     ok = True
-    if a.model in ("lm", "both"):
+    if a.model in ("lm", "both", "all"):
         shape = dict(d=1024, ffn=4096, heads=16, max_len=512) if large else {}
         batch, seq = (8, 512) if large else (a.batch, a.seq)
         m = models.tiny_lm(ffn_sparsity=a.ffn_sparsity, **shape).to(device, dtype)
@@ -89,10 +89,18 @@ def cmd_demo(a) -> int:
         calib = [models.lm_inputs(batch, seq, seed=s, device=device) for s in range(1, 3)]
         name = "transformer LM" + (" (d=1024, ffn=4096)" if large else "")
         ok &= _demo_one(name, m, x, calib, cfg, device)
-    if a.model in ("convnet", "both"):
+    if a.model in ("convnet", "both", "all"):
         m = models.tiny_convnet(width=128 if large else 32).to(device, dtype)
         x = models.image_inputs(batch=32 if large else 8, size=64 if large else 32, device=device).to(dtype)
         ok &= _demo_one("convnet", m, x, [x], cfg, device)
+    if a.model in ("relu-lm", "all"):
+        # one token a step, as a decoder generates: where skipping the FFN units a ReLU zeroes pays
+        m = models.relu_lm(zeros=a.relu_zeros).to(device, dtype)
+        x = models.lm_inputs(1, 1, device=device)
+        calib = [models.lm_inputs(1, 64, seed=s, device=device) for s in range(1, 3)]
+        relu_cfg = Config(weight=a.pattern, activation=Auto(), max_error=a.max_error)
+        ok &= _demo_one(f"ReLU transformer LM, one token (d=512, ffn=2048, {a.relu_zeros:.0%} zeros after ReLU; "
+                        f"activation=Auto)", m, x, calib, relu_cfg, device)
     return 0 if ok else 1
 
 
@@ -110,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sparsify", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="compile the built-in models, verify against dense, print the report")
-    d.add_argument("--model", choices=("lm", "convnet", "both"), default="both")
+    d.add_argument("--model", choices=("lm", "convnet", "relu-lm", "both", "all"), default="all",
+                   help="lm: the LM with block-pruned FFN weights (weight family); convnet; relu-lm: a ReLU LM "
+                        "at one token (activation family); both: lm and convnet; all (default)")
     d.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     d.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     d.add_argument("--pattern", type=parse_pattern, default=Auto(), help="auto, dense, 2:4, block32:0.25, "
@@ -124,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=_number(int, 1), default=4, help="batch size (>= 1)")
     d.add_argument("--seq", type=_number(int, 1, models.TinyLM.MAX_LEN), default=128,
                    help=f"LM sequence length, 1..{models.TinyLM.MAX_LEN} (the LM's position table)")
+    d.add_argument("--relu-zeros", type=_number(float, 0, 1, high_open=True), default=0.9,
+                   help="fraction of the ReLU LM's hidden units that are zero, in [0, 1)")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("report", help="print the table of a saved plan (Plan.to_json)")
     r.add_argument("plan", help="path to a plan JSON file")

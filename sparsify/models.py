@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm attention + GELU FFN block of the demo LM."""
+    """Pre-norm attention + FFN block of the demo LM (GELU, or ReLU: `act`)."""
 
-    def __init__(self, d: int, heads: int, ffn: int):
+    def __init__(self, d: int, heads: int, ffn: int, act: str = "gelu"):
         super().__init__()
-        self.heads = heads
+        if act not in ("gelu", "relu"):
+            raise ValueError(f"TransformerBlock: act must be 'gelu' or 'relu', got {act!r}")
+        self.heads, self.act = heads, act
         self.ln1 = nn.LayerNorm(d)
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
@@ -28,7 +30,8 @@ class TransformerBlock(nn.Module):
         q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
-        return self.fc2(F.gelu(self.fc1(self.ln2(x)))) + x
+        h = self.fc1(self.ln2(x))
+        return self.fc2(F.relu(h) if self.act == "relu" else F.gelu(h)) + x
 
 
 class TinyLM(nn.Module):
@@ -37,11 +40,11 @@ class TinyLM(nn.Module):
     MAX_LEN = 256
 
     def __init__(self, vocab: int = 512, d: int = 256, layers: int = 2, heads: int = 4, ffn: int = 1024,
-                 max_len: int = MAX_LEN):
+                 max_len: int = MAX_LEN, act: str = "gelu"):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(max_len, d)
-        self.blocks = nn.ModuleList([TransformerBlock(d, heads, ffn) for _ in range(layers)])
+        self.blocks = nn.ModuleList([TransformerBlock(d, heads, ffn, act) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 
@@ -90,6 +93,23 @@ def tiny_lm(seed: int = 0, ffn_sparsity: float = 0.0, ffn_block: int = 64, **kw)
                     cut = norms.flatten().kthvalue(drop).values
                     keep = (norms > cut).repeat_interleave(b, 0).repeat_interleave(b, 1)
                     w.mul_(keep)
+    return model
+
+
+def relu_lm(seed: int = 0, zeros: float = 0.9, d: int = 512, ffn: int = 2048, layers: int = 4, heads: int = 8,
+            **kw) -> TinyLM:
+    """The demo LM with ReLU FFNs whose hidden units are zero on about `zeros` of the tokens, standing
+    in for a ReLU model (trained ReLU transformers and ReLU-fied LLMs have 90-97% exact zeros after
+    the activation): each unit's bias is set so that its pre-activation, on the unit-variance input
+    the block's LayerNorm gives, is positive with probability 1 - zeros."""
+    if not 0 <= zeros < 1:
+        raise ValueError(f"relu_lm: zeros must be in [0, 1), got {zeros}")
+    torch.manual_seed(seed)
+    model = TinyLM(d=d, ffn=ffn, layers=layers, heads=heads, act="relu", **kw).eval()
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(zeros))
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.fc1.bias.copy_(-z * blk.fc1.weight.norm(dim=1))
     return model
 
 

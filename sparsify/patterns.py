@@ -181,10 +181,22 @@ def _check_criterion(owner: str, criterion: str) -> None:
 
 
 # ---- activation sparsity ---------------------------------------------------------------------
+# Served by the activation family (passes/families/activation): FFN blocks whose hidden units are
+# skipped where the activation is zero (or made zero), their weight rows never read.
+@_register
+@dataclasses.dataclass(frozen=True)
+class ExactZeros(Pattern):
+    """The exact zeros a ReLU (or ReLU^2) FFN already has: skipped, lossless."""
+
+    field: ClassVar[str] = "activation"
+
+
 @_register
 @dataclasses.dataclass(frozen=True)
 class ActivationThreshold(Pattern):
-    """Zero activations below a threshold calibrated to reach `sparsity` (per channel or global)."""
+    """Zero hidden activations of magnitude below a threshold calibrated on the calibration data to
+    reach `sparsity`: per hidden unit (per_channel, as CHESS) or one per FFN (as TEAL). In a gated
+    FFN the threshold is on the gate's activation, so the up row of a dropped unit is not read either."""
 
     field: ClassVar[str] = "activation"
     sparsity: float = 0.5
@@ -210,6 +222,24 @@ class TopK(Pattern):
             _check_positive_int("TopK", "k", self.k)
         if self.fraction is not None:
             _check_fraction("TopK", "fraction", self.fraction, low_open=True)
+
+
+@_register
+@dataclasses.dataclass(frozen=True)
+class PredictedActive(Pattern):
+    """A low-rank predictor (rank `rank`, as Deja Vu) decides per token which hidden units of an
+    ungated FFN to compute, so the up rows of the others are not read either. It is calibrated on
+    the calibration data (no training): the top-`rank` directions of the up projection's output
+    there, and a per-unit margin that keeps at least `recall` of the units that are really active.
+    Units it misses are dropped (its error, counted in the error budget)."""
+
+    field: ClassVar[str] = "activation"
+    rank: int = 64
+    recall: float = 0.99
+
+    def __post_init__(self):
+        _check_positive_int("PredictedActive", "rank", self.rank)
+        _check_fraction("PredictedActive", "recall", self.recall, low_open=True)
 
 
 # ---- attention masks -------------------------------------------------------------------------

@@ -33,10 +33,13 @@ class LayerStats:
     channel_sq_sum: per input feature (the channel dim), the sum of squares over all tokens / pixels;
       its square root is the ||x_j||_2 that Wanda multiplies with |W_ij|.
     sample: the first batch's input (at most MAX_SAMPLE_ROWS token rows) for timing and error.
+    rows: for a probe that asks for them (Probe.rows), token rows [n, C] of every batch, up to
+      MAX_SAMPLE_ROWS in all: what a threshold is calibrated on.
     """
 
     channel_sq_sum: torch.Tensor | None = None
     sample: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
     @property
     def channel_norm(self) -> torch.Tensor:
@@ -50,15 +53,24 @@ class LayerStats:
                                    else self.channel_sq_sum + other.channel_sq_sum)
         if self.sample is None:
             self.sample = other.sample
+        if other.rows is not None:
+            self._add_rows(other.rows)
+
+    def _add_rows(self, rows: torch.Tensor) -> None:
+        have = 0 if self.rows is None else self.rows.shape[0]
+        rows = rows[: max(0, MAX_SAMPLE_ROWS - have)]
+        self.rows = rows if self.rows is None else torch.cat([self.rows, rows])
 
 
 MAX_SAMPLE_ROWS = 4096
 
 
-def update_stats(stats: LayerStats, x: torch.Tensor, channel_dim: int) -> None:
-    """Fold one batch of a probed value into its statistics."""
+def update_stats(stats: LayerStats, x: torch.Tensor, channel_dim: int, rows: bool = False) -> None:
+    """Fold one batch of a probed value into its statistics (and its token rows, if asked)."""
     x = x.detach()
     moved = x.float().movedim(channel_dim, -1)
+    if rows:
+        stats._add_rows(moved.reshape(-1, moved.shape[-1]).clone())
     sq = moved.reshape(-1, moved.shape[-1]).pow(2).sum(0)
     stats.channel_sq_sum = sq if stats.channel_sq_sum is None else stats.channel_sq_sum + sq
     if stats.sample is None:

@@ -116,14 +116,12 @@ def test_a_plan_of_a_user_family_rebuilds_from_json(dead_rows_family):
 
 def test_two_families_never_claim_one_layer():
     fams = [f for f in sparsify.families() if f.supported]
-    assert [f.name for f in fams][:2] == ["channel", "weight"]
-    for fam in fams:
-        assert fam.owns(Dense()) == fam.auto
+    assert [f.name for f in fams][:3] == ["channel", "activation", "weight"]
+    for fam in fams:   # a Dense site is the weight family's record (an FFN asked Dense is no FFN site)
+        assert fam.owns(Dense()) == (fam.name == "weight")
 
 
 @pytest.mark.parametrize("field,pattern,family", [
-    ("activation", sparsify.TopK(k=4), "activation"),
-    ("activation", sparsify.ActivationThreshold(0.5), "activation"),
     ("attention", sparsify.SlidingWindow(64), "attention"),
     ("spatial", sparsify.Submanifold(), "spatial"),
 ])
@@ -134,8 +132,14 @@ def test_a_config_naming_an_unimplemented_family_is_refused(field, pattern, fami
 
 
 def test_an_override_naming_an_unimplemented_family_is_refused():
-    with pytest.raises(sparsify.UnsupportedPatternError, match=r"overrides\['fc1'\].*TopK"):
-        sparsify.compile(MLP(), config=Config(overrides={"fc1": sparsify.TopK(k=2)}))
+    with pytest.raises(sparsify.UnsupportedPatternError, match=r"overrides\['fc1'\].*SlidingWindow"):
+        sparsify.compile(MLP(), config=Config(overrides={"fc1": sparsify.SlidingWindow(8)}))
+
+
+def test_a_pattern_an_implemented_family_does_not_serve_yet_is_refused():
+    with pytest.raises(sparsify.UnsupportedPatternError, match=r"Config\.activation=TopK.*not yet supported by "
+                                                               r"the activation family"):
+        sparsify.compile(MLP(), config=Config(activation=sparsify.TopK(k=2)))
 
 
 # ---- phases ---------------------------------------------------------------------------------------

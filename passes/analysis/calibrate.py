@@ -11,17 +11,17 @@ from sparsify.state import LayerStats, update_stats
 
 def run_calibration(gm: fx.GraphModule, ctx: PassContext, probes) -> dict[str, LayerStats]:
     nodes = {n.name: n for n in gm.graph.nodes}
-    stats, dims, watch = {}, {}, []
+    stats, dims, rows, watch = {}, {}, {}, []
     for probe in probes:
         if probe.key in stats:
             continue
         stats[probe.key] = LayerStats()
-        dims[probe.key] = probe.dim
+        dims[probe.key], rows[probe.key] = probe.dim, probe.rows
         watch.append((nodes[probe.node], probe.key))
 
     def record(key, value):
         if isinstance(value, torch.Tensor):
-            update_stats(stats[key], value, dims[key])
+            update_stats(stats[key], value, dims[key], rows[key])
 
     batches = ctx.calibration
     with ir.probes(gm, watch, record), torch.no_grad():

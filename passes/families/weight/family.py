@@ -19,6 +19,7 @@ import torch.fx as fx
 from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.codegen.epilogue import activation_reference
+from sparsify.codegen.kernel_check import KernelMismatch, check_kernel_output  # noqa: F401  (re-exported)
 from sparsify.family import Family, Measured, SiteSkipped, Trial, register_family
 from sparsify.metrics import rel_l2
 from sparsify.patterns import NM, Auto, Block, Channel, Dense, Unstructured
@@ -30,26 +31,6 @@ from .layers import find_weight_layers
 from .views import storage_weight, view_of
 
 DEFAULT_AUTO_CANDIDATES = (NM(2, 4), Block(32, 0.5), Block(64, 0.25), Unstructured(0.9))
-
-# A kernel's output against the dense op on the same masked weight: rounding (fp16/bf16 storage, tf32
-# dots, another summation order) stays far below these; a kernel bug does not. This is what stands
-# between a kernel that miscompiles on some GPU and a silently wrong model.
-KERNEL_CHECK_TOL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-class KernelMismatch(RuntimeError):
-    pass
-
-
-def check_kernel_output(kernel: str, out: torch.Tensor, ref: torch.Tensor) -> None:
-    tol = KERNEL_CHECK_TOL.get(out.dtype, 1e-2)
-    if out.shape != ref.shape:
-        raise KernelMismatch(f"{kernel} returned shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
-    err = rel_l2(out.float(), ref.float())
-    if not err <= tol:                              # also catches NaN
-        raise KernelMismatch(f"{kernel} output differs from the dense op on the same pruned weight: "
-                             f"relative L2 {err:.3g} > {tol:g}")
-
 
 def existing_sparsity_candidates(w: torch.Tensor, min_sparsity: float = 0.5) -> list:
     """Patterns that a weight already has (a pruned checkpoint, a lottery ticket): exact zeros as

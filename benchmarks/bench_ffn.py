@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Activation-sparse FFN blocks on the CPU: dense torch, torch gathers of the active rows, sparsify's kernel.
+
+    python benchmarks/bench_ffn.py                    # Llama-2-7B's FFN (4096 -> 11008 -> 4096), batch 1, 4, 16
+    python benchmarks/bench_ffn.py --smoke --no-write # tiny: exercises every provider
+
+Weights are random normal (fp32, stored as nn.Linear has them; w_down_t, the down weight
+transposed, for the gathers and ours). The zero rate after the activation is set by the up bias:
+per hidden unit, minus the `zeros` quantile of its pre-activation on 256 calibration tokens, so each
+unit is zero with that probability on fresh tokens (as a ReLU model's units are; their real zero
+rate on the measured tokens is in the table). Cases, each timed interleaved in one run:
+
+    down        the down projection alone, given h (ReLU output): dense F.linear(h, W_down);
+                torch gather h[:, idx] @ w_down_t[idx] over the union of active units (idx found by
+                nonzero); embedding_bag (sum, per-sample weights: one bag per token); ours
+                (sparse_input_linear_cpu: the FFN kernel's second phase)
+    relu        the whole ReLU block: dense; torch gather (dense up, relu, gathered down); ours
+                ExactZeros (lossless) and, on tokens from a 32-dimensional subspace (what makes a
+                low-rank predictor work, as in contextually sparse LLM activations), ours with a
+                PredictedActive(rank 64, recall 0.99) predictor calibrated on 256 such tokens
+    swiglu      the gated block (SiLU gate): dense; torch gather (dense gate, per-block threshold
+                on |silu(gate)| calibrated to `zeros`, gathered up and down rows); ours
+
+Every output is checked against a float32 torch reference of the same computation (WRONG above
+--tol); a lossy provider's error against the dense block is in its note.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import harness as H  # noqa: E402
+
+H.import_sparsify()
+
+SHAPE = (4096, 11008)
+BATCHES = (1, 4, 16)
+ZEROS = (0.5, 0.9, 0.97)
+SMOKE = dict(shape=(64, 176), batches=(1, 3), zeros=(0.9,))
+CALIB_TOKENS = 256
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes; checks code paths, times mean little")
+    p.add_argument("--batches", type=H.ints, default=None)
+    p.add_argument("--zeros", type=H.floats, default=None)
+    p.add_argument("--cases", type=H.names_from(("down", "relu", "swiglu")), default=("down", "relu", "swiglu"))
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tol", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results markdown (default benchmarks/results/<device>-ffn.md)")
+    p.add_argument("--no-write", action="store_true")
+    return p.parse_args(argv)
+
+
+class Block:
+    """One FFN's weights (random, fixed seed) and the bias that gives its units a zero rate."""
+
+    def __init__(self, d, f, gen, gated=False):
+        self.w_up = torch.randn(f, d, generator=gen) / d ** 0.5
+        self.w_gate = torch.randn(f, d, generator=gen) / d ** 0.5 if gated else None
+        self.w_down = torch.randn(d, f, generator=gen) / f ** 0.5
+        self.w_down_t = self.w_down.t().contiguous()
+        self.b_down = torch.randn(d, generator=gen) * 0.1
+
+    def bias_for(self, calib, zeros):
+        z = calib @ self.w_up.T
+        return -torch.quantile(z, zeros, dim=0)
+
+
+def gather_rows(h, w_down_t, bias):
+    """torch: the union of active units over the tokens, gathered rows, one matmul."""
+    idx = h.ne(0).any(0).nonzero().squeeze(1)
+    return torch.addmm(bias, h.index_select(1, idx), w_down_t.index_select(0, idx))
+
+
+def bag_rows(h, w_down_t, bias):
+    """torch: embedding_bag over each token's own active units (sum, per-sample weights)."""
+    tok, unit = h.nonzero(as_tuple=True)
+    offsets = torch.searchsorted(tok, torch.arange(h.shape[0]))
+    return F.embedding_bag(unit, w_down_t, offsets, mode="sum", per_sample_weights=h[tok, unit]) + bias
+
+
+def zero_rate(h) -> str:
+    return f"zeros {100 * (h == 0).float().mean().item():.1f}%, union active {100 * h.ne(0).any(0).float().mean().item():.1f}%"
+
+
+def down_case(blk, x, b_up, zeros, timer, args):
+    from sparsify.codegen.kernels.ffn_cpu import sparse_input_linear_cpu
+
+    h = torch.relu(F.linear(x, blk.w_up, b_up))
+    zero = torch.zeros(h.shape[1])
+    ref = lambda: F.linear(h, blk.w_down, blk.b_down)  # noqa: E731
+    providers = [
+        H.Provider("dense", lambda: F.linear(h, blk.w_down, blk.b_down), "dense", ref=ref, baseline=True),
+        H.Provider("torch-gather", lambda: gather_rows(h, blk.w_down_t, blk.b_down), f"relu {zeros:g}", ref=ref),
+        H.Provider("torch-embedding_bag", lambda: bag_rows(h, blk.w_down_t, blk.b_down), f"relu {zeros:g}", ref=ref),
+        H.Provider("sparsify-cpu", lambda: sparse_input_linear_cpu(h, blk.w_down_t, zero, blk.b_down),
+                   f"relu {zeros:g}", ref=ref, note=zero_rate(h)),
+    ]
+    return H.run_case({"case": "down", "shape": f"{h.shape[1]}->{blk.w_down.shape[0]}", "M": x.shape[0]},
+                      providers, timer, args.tol)
+
+
+def _ffn(x, blk, b_up, thr, mode, gate=None, predictor=(None, None, None)):
+    from sparsify.codegen.kernels.ffn_cpu import ffn_cpu_host
+
+    return ffn_cpu_host(x, blk.w_up, b_up, blk.w_gate, None, blk.w_down_t, thr, "silu" if gate else "relu", mode,
+                        *predictor, bias=blk.b_down)
+
+
+def relu_case(blk, x, b_up, zeros, timer, args, predicted=None):
+    from sparsify.codegen.kernels._ffn_common import ffn_reference
+
+    f = blk.w_up.shape[0]
+    zero = torch.zeros(f)
+    dense = lambda: F.linear(torch.relu(F.linear(x, blk.w_up, b_up)), blk.w_down, blk.b_down)  # noqa: E731
+    h = torch.relu(F.linear(x, blk.w_up, b_up))
+    providers = [
+        H.Provider("dense", dense, "dense", ref=dense, baseline=True),
+        H.Provider("torch-gather", lambda: gather_rows(torch.relu(F.linear(x, blk.w_up, b_up)), blk.w_down_t,
+                                                       blk.b_down), f"relu {zeros:g}", ref=dense),
+        H.Provider("sparsify-cpu", lambda: _ffn(x, blk, b_up, zero, "ungated"), f"ExactZeros (relu {zeros:g})",
+                   ref=dense, note=zero_rate(h)),
+    ]
+    if predicted is not None:
+        pin, pout, pbias = predicted
+        pred_ref = lambda: ffn_reference(x, blk.w_up, b_up, None, None, blk.w_down_t, zero, "relu", "predicted",  # noqa: E731
+                                         pin, pout, pbias, bias=blk.b_down)
+        kept = ((x @ pin @ pout + pbias > 0) & (h > 0)).any(0).float().mean().item()
+        err = H.rel_err(pred_ref(), dense())
+        providers.append(H.Provider("sparsify-cpu-predicted", lambda: _ffn(x, blk, b_up, zero, "predicted",
+                                                                           predictor=predicted),
+                                    f"PredictedActive(64) (relu {zeros:g})", ref=pred_ref,
+                                    note=f"units read {100 * kept:.1f}%, error vs dense {err:.1e}"))
+    return H.run_case({"case": "relu" if predicted is None else "relu, low-rank x", "shape":
+                       f"{x.shape[1]}->{f}->{blk.w_down.shape[0]}", "M": x.shape[0]}, providers, timer, args.tol)
+
+
+def swiglu_case(blk, x, calib, zeros, timer, args):
+    from sparsify.codegen.kernels._ffn_common import ffn_reference
+
+    f = blk.w_up.shape[0]
+    s_cal = F.silu(calib @ blk.w_gate.T).abs().flatten()
+    thr = torch.full((f,), s_cal.kthvalue(int(zeros * s_cal.numel())).values.item())
+    dense = lambda: F.linear(F.silu(F.linear(x, blk.w_gate)) * F.linear(x, blk.w_up), blk.w_down, blk.b_down)  # noqa: E731
+    ref = lambda: ffn_reference(x, blk.w_up, None, blk.w_gate, None, blk.w_down_t, thr, "silu", "gated",  # noqa: E731
+                                bias=blk.b_down)
+
+    def gather():
+        s = F.silu(F.linear(x, blk.w_gate))
+        keep = s.abs() > thr
+        idx = keep.any(0).nonzero().squeeze(1)
+        hh = torch.where(keep, s, 0).index_select(1, idx) * F.linear(x, blk.w_up.index_select(0, idx))
+        return torch.addmm(blk.b_down, hh, blk.w_down_t.index_select(0, idx))
+
+    s = F.silu(F.linear(x, blk.w_gate))
+    kept = (s.abs() > thr)
+    err = H.rel_err(ref(), dense())
+    providers = [
+        H.Provider("dense", dense, "dense", ref=dense, baseline=True),
+        H.Provider("torch-gather", gather, f"threshold {zeros:g}", ref=ref),
+        H.Provider("sparsify-cpu", lambda: _ffn(x, blk, None, thr, "gated", gate=True), f"threshold {zeros:g}",
+                   ref=ref, note=f"zeros {100 * (1 - kept.float().mean().item()):.1f}%, union active "
+                                 f"{100 * kept.any(0).float().mean().item():.1f}%, error vs dense {err:.1e}"),
+    ]
+    return H.run_case({"case": "swiglu", "shape": f"{x.shape[1]}->{f}->{blk.w_down.shape[0]}", "M": x.shape[0]},
+                      providers, timer, args.tol)
+
+
+def low_rank_tokens(n, d, basis, gen):
+    return torch.randn(n, basis.shape[0], generator=gen) @ basis + 0.05 * torch.randn(n, d, generator=gen)
+
+
+def main(argv=None) -> int:
+    from sparsify.codegen import registry
+    from sparsify.passes.families.activation.calibration import fit_predictor
+
+    registry.specs()
+    args = parse_args(argv)
+    device = torch.device("cpu")
+    timer = H.Timer(device, repeats=args.repeats)
+    d, f = SMOKE["shape"] if args.smoke else SHAPE
+    batches = args.batches or (SMOKE["batches"] if args.smoke else BATCHES)
+    zeros_list = args.zeros or (SMOKE["zeros"] if args.smoke else ZEROS)
+    env = H.Environment(device, [("timing", timer.description), ("shape", f"D={d}, F={f}, fp32"),
+                                 ("reference", f"float32 torch of the same computation; WRONG above {args.tol:g}")])
+    path = H.results_path(device, "-ffn", args.out, smoke=args.smoke, no_write=args.no_write)
+    results = H.Results(path, f"bench_ffn: {env.info['device']}", env)
+    print(env.banner(), flush=True)
+    table = H.ProviderTable((("case", "case"), ("shape", "shape"), ("M", "M")), args.tol)
+    gen = torch.Generator().manual_seed(args.seed)
+    ungated, gated = Block(d, f, gen), Block(d, f, gen, gated=True)
+    calib = torch.randn(CALIB_TOKENS, d, generator=gen)
+    basis = torch.randn(32, d, generator=gen) / 32 ** 0.5
+    calib_lr = low_rank_tokens(CALIB_TOKENS, d, basis, gen)
+
+    def emit(rows):
+        for row in table.add(rows):
+            print(table.line(row), flush=True)
+        results.progress(table.markdown, table.rows)
+
+    for zeros in zeros_list:
+        b_up = ungated.bias_for(calib, zeros)
+        b_up_lr = ungated.bias_for(calib_lr, zeros)
+        z_lr = calib_lr @ ungated.w_up.T + b_up_lr
+        predictor = fit_predictor(calib_lr, ungated.w_up, b_up_lr, z_lr, torch.zeros(f), 64, 0.99)
+        for m in batches:
+            x = torch.randn(m, d, generator=gen)
+            if "down" in args.cases:
+                emit(down_case(ungated, x, b_up, zeros, timer, args))
+            if "relu" in args.cases:
+                emit(relu_case(ungated, x, b_up, zeros, timer, args))
+                emit(relu_case(ungated, low_rank_tokens(m, d, basis, gen), b_up_lr, zeros, timer, args, predictor))
+    if "swiglu" in args.cases:
+        for zeros in [z for z in zeros_list if z <= 0.9] or zeros_list[:1]:
+            for m in batches:
+                emit(swiglu_case(gated, torch.randn(m, d, generator=gen), calib, zeros, timer, args))
+    results.finish("bench_ffn", table.markdown(), table.rows, table.summary())
+    return 1 if table.counts()["WRONG"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
