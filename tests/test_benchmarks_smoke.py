@@ -174,3 +174,14 @@ def test_bench_cpu_models_smoke_compiles_and_says_when_a_peer_is_absent(tmp_path
     text = out.read_text()
     assert "| bert-b1 | 1x16 | sparsify |" in text and "| bert-b1 | 1x16 | torch dense |" in text
     assert "| deepsparse | - | - | - | - | absent: --peer-python=" in text and "load average" in text
+
+
+def test_bench_ffn_smoke_runs_every_provider_correctly(tmp_path):
+    import bench_ffn
+
+    out = tmp_path / "ffn.md"
+    assert bench_ffn.main(["--smoke", "--repeats", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    for provider in ("torch-gather", "torch-embedding_bag", "sparsify-cpu", "sparsify-cpu-predicted"):
+        assert f"| {provider} |" in text
+    assert "WRONG" not in text.split("| note |")[1].split("Notes:")[0]
