@@ -19,7 +19,9 @@ rate on the measured tokens is in the table). Cases, each timed interleaved in o
                 low-rank predictor work, as in contextually sparse LLM activations), ours with a
                 PredictedActive(rank 64, recall 0.99) predictor calibrated on 256 such tokens
     swiglu      the gated block (SiLU gate): dense; torch gather (dense gate, per-block threshold
-                on |silu(gate)| calibrated to `zeros`, gathered up and down rows); ours
+                on |silu(gate)| calibrated to `zeros`, gathered up and down rows); ours with that
+                threshold, and ours with statistical top-k (TopK(fraction=1 - zeros): a cut per
+                token from the mean and std of |silu(gate)|, its coefficient calibrated)
 
 Every output is checked against a float32 torch reference of the same computation (WRONG above
 --tol); a lossy provider's error against the dense block is in its note.
@@ -173,8 +175,16 @@ def swiglu_case(blk, x, calib, zeros, timer, args):
         hh = torch.where(keep, s, 0).index_select(1, idx) * F.linear(x, blk.w_up.index_select(0, idx))
         return torch.addmm(blk.b_down, hh, blk.w_down_t.index_select(0, idx))
 
+    from sparsify.passes.families.activation.calibration import topk_coefficient
+    from sparsify.patterns import TopK
+
+    coef = torch.full((f,), topk_coefficient(TopK(fraction=1 - zeros), F.silu(calib @ blk.w_gate.T)))
+    topk_ref = lambda: ffn_reference(x, blk.w_up, None, blk.w_gate, None, blk.w_down_t, coef, "silu",  # noqa: E731
+                                     "gated_topk", bias=blk.b_down)
     s = F.silu(F.linear(x, blk.w_gate))
     kept = (s.abs() > thr)
+    a = s.abs()
+    kept_topk = a > a.mean(-1, keepdim=True) + coef * a.std(-1, unbiased=False, keepdim=True)
     err = H.rel_err(ref(), dense())
     providers = [
         H.Provider("dense", dense, "dense", ref=dense, baseline=True),
@@ -182,6 +192,11 @@ def swiglu_case(blk, x, calib, zeros, timer, args):
         H.Provider("sparsify-cpu", lambda: _ffn(x, blk, None, thr, "gated", gate=True), f"threshold {zeros:g}",
                    ref=ref, note=f"zeros {100 * (1 - kept.float().mean().item()):.1f}%, union active "
                                  f"{100 * kept.any(0).float().mean().item():.1f}%, error vs dense {err:.1e}"),
+        H.Provider("sparsify-cpu-topk", lambda: _ffn(x, blk, None, coef, "gated_topk", gate=True),
+                   f"TopK(fraction={1 - zeros:g})", ref=topk_ref,
+                   note=f"zeros {100 * (1 - kept_topk.float().mean().item()):.1f}%, union active "
+                        f"{100 * kept_topk.any(0).float().mean().item():.1f}%, error vs dense "
+                        f"{H.rel_err(topk_ref(), dense()):.1e}"),
     ]
     return H.run_case({"case": "swiglu", "shape": f"{x.shape[1]}->{f}->{blk.w_down.shape[0]}", "M": x.shape[0]},
                       providers, timer, args.tol)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from .cpu_vector import ACTIVATIONS as _EPILOGUE_ACTIVATIONS, ELEMENT, HEADER, OUT
 
-TEMPLATE_VERSION = "cpu-ffn-1"
+TEMPLATE_VERSION = "cpu-ffn-2"
 
 _TYPES = {"float32": "f32", "bfloat16": "bf16"}
 _OUT_TYPES = {**_TYPES, "float16": "f16"}
 # the op's modes, and "input": the down projection alone over a given h (what TEAL does to a linear's
 # input), y = h' @ w_down_t with h' = h where |h| > threshold
-MODES = ("ungated", "gated", "predicted", "input")
+MODES = ("ungated", "gated", "predicted", "topk", "gated_topk", "input")
 
 _HIDDEN_ACTIVATIONS = {   # scalar: F values per token, a small part of the block's time
     "none": "return v;",
@@ -48,7 +48,8 @@ _BODY = r"""
 #define D_OUT {dout}
 #define GATED {gated}
 #define PREDICTED {predicted}
-#define INPUT {input}   /* the down projection alone: x is the hidden activation h [M, F_HID] */
+#define INPUT {input}
+#define TOPK {topk}     /* per-token threshold mean + c * std of |s| over the units: a pass over them first */   /* the down projection alone: x is the hidden activation h [M, F_HID] */
 #define HAS_BUP {has_bup}
 #define HAS_BGATE {has_bgate}
 #define HAS_BIAS {has_bias}
@@ -105,12 +106,12 @@ static void dots(const tin* w, const float* x, int64_t m, float* out) {{
 /* x: fp32 [M, D_IN]; w_up, w_gate: [F_HID, D_IN]; w_down_t: [F_HID, D_OUT]; thr: fp32 [F_HID];
    logits: fp32 [M, F_HID] (predicted) or NULL; res: [M, D_OUT]; y: [M, D_OUT].
    Scratch: idx int32 [F_HID], hv fp32 [F_HID * M] (kept units' values), cnt int32 [threads],
-   acc fp32 [threads * ACC_FLOATS], tmp fp32 [threads * 2 * M]. Returns nothing; kept[0] gets the
-   number of kept units (for the report's measured sparsity). */
+   acc fp32 [threads * ACC_FLOATS], tmp fp32 [threads * 2 * M], and for top-k stat fp64
+   [threads * 2 * M] and theta fp32 [2 * M]. kept[0] gets the number of units read. */
 void {name}(const float* x, const tin* w_up, const tin* b_up, const tin* w_gate, const tin* b_gate,
             const tin* w_down_t, const float* thr, const float* logits, const tin* bias, const tin* res,
             tout* y, int64_t M, int nthreads, int32_t* idx, float* hv, int32_t* cnt, float* accbuf,
-            float* tmp, int32_t* kept) {{
+            float* tmp, int32_t* kept, double* stat, float* theta_mean) {{
   #pragma omp parallel num_threads(nthreads)
   {{
     int T = omp_get_num_threads(), th = omp_get_thread_num();
@@ -119,6 +120,54 @@ void {name}(const float* x, const tin* w_up, const tin* b_up, const tin* w_gate,
     float* s = tmp + (int64_t)th * 2 * M;
     float* u = s + M;
     int32_t c = 0;
+#if TOPK
+    /* 1a: every unit's |s| per token into hv (row f), and this thread's sums of |s| and |s|^2 */
+    double* st = stat + (int64_t)th * 2 * M;
+    for (int64_t t = 0; t < 2 * M; t++) st[t] = 0.0;
+    for (int f = f0; f < f1; f++) {{
+      float* row = hv + (int64_t)f * M;
+#if GATED
+      dots(w_gate + (int64_t)f * D_IN, x, M, row);
+      for (int64_t t = 0; t < M; t++) row[t] = hact(row[t] + (HAS_BGATE ? in_(b_gate[f]) : 0.f));
+#else
+      dots(w_up + (int64_t)f * D_IN, x, M, row);
+      for (int64_t t = 0; t < M; t++) row[t] = hact(row[t] + (HAS_BUP ? in_(b_up[f]) : 0.f));
+#endif
+      for (int64_t t = 0; t < M; t++) {{ double a = fabsf(row[t]); st[t] += a; st[M + t] += a * a; }}
+    }}
+    #pragma omp barrier
+    float* cut = theta_mean + 0;   /* per token: mean, then std, from every thread's sums */
+    #pragma omp single
+    {{
+      for (int64_t t = 0; t < M; t++) {{
+        double s1 = 0, s2 = 0;
+        for (int i = 0; i < T; i++) {{ s1 += stat[(int64_t)i * 2 * M + t]; s2 += stat[(int64_t)i * 2 * M + M + t]; }}
+        double mean = s1 / F_HID, var = s2 / F_HID - mean * mean;
+        cut[t] = (float)mean; cut[M + t] = (float)sqrt(var > 0 ? var : 0);
+      }}
+    }}
+    /* 1b: keep the units above the token's cut, compacting in place (slot c <= f within the thread) */
+    for (int f = f0; f < f1; f++) {{
+      const float* row = hv + (int64_t)f * M;
+      float* hrow = hv + ((int64_t)f0 + c) * M;
+      int any = 0;
+      for (int64_t t = 0; t < M; t++) {{
+        float a = row[t];
+        int keep = fabsf(a) > cut[t] + thr[f] * cut[M + t];
+        s[t] = keep ? a : 0.f;
+        any |= keep;
+      }}
+      if (!any) continue;
+#if GATED
+      dots(w_up + (int64_t)f * D_IN, x, M, u);
+      for (int64_t t = 0; t < M; t++) hrow[t] = s[t] * (u[t] + (HAS_BUP ? in_(b_up[f]) : 0.f));
+#else
+      for (int64_t t = 0; t < M; t++) hrow[t] = s[t];
+#endif
+      idx[f0 + c] = f;
+      c++;
+    }}
+#else
     for (int f = f0; f < f1; f++) {{
       float* hrow = hv + ((int64_t)f0 + c) * M;   /* the next free slot of this thread's list */
       int any = 0;
@@ -160,6 +209,7 @@ void {name}(const float* x, const tin* w_up, const tin* b_up, const tin* w_gate,
       idx[f0 + c] = f;
       c++;
     }}
+#endif
     cnt[th] = c;
     #pragma omp barrier
     #pragma omp single
@@ -237,7 +287,7 @@ def source(d: int, f: int, dout: int, mode: str, act: str, dtype: str, out_dtype
         raise ValueError(f"generated FFN kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
                          f"got {dtype} -> {out_dtype}")
     name = kernel_name(d, f, dout, mode, act, dtype, out_dtype, has_bup, has_bgate, has_bias, has_res, activation)
-    body = _BODY.format(d=d, f=f, dout=dout, gated=int(mode == "gated"), predicted=int(mode == "predicted"), input=int(mode == "input"),
+    body = _BODY.format(d=d, f=f, dout=dout, gated=int(mode in ("gated", "gated_topk")), topk=int(mode in ("topk", "gated_topk")), predicted=int(mode == "predicted"), input=int(mode == "input"),
                         has_bup=int(has_bup), has_bgate=int(has_bgate), has_bias=int(has_bias), has_res=int(has_res),
                         hact=_HIDDEN_ACTIVATIONS[act], eact=_EPILOGUE_ACTIVATIONS[activation],
                         bf16=int(dtype == "bfloat16"), name=name)

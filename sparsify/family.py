@@ -125,7 +125,7 @@ class Family:
     from ("weight", "activation", "attention", "spatial"). patterns: the pattern types it serves.
     auto: it serves Auto for its field (the weight family also records Dense sites). supported: False
     for a family that is declared but not implemented: a Config naming its patterns is refused at
-    compile time; not_yet: the same for single patterns of an implemented family.
+    compile time.
     """
 
     name: ClassVar[str] = ""
@@ -133,8 +133,6 @@ class Family:
     patterns: ClassVar[tuple] = ()
     auto: ClassVar[bool] = False
     supported: ClassVar[bool] = True
-    # patterns it declares but does not serve yet: type -> why (a Config naming one is refused)
-    not_yet: ClassVar[dict] = {}
 
     # ---- the hooks -----------------------------------------------------------------------------
     def find_sites(self, gm, ctx) -> list[Site]:
@@ -396,9 +394,6 @@ def check_config(config) -> None:
                     f"(registered: {[f.name for f in families()]}); give an explicit pattern or Dense()")
             raise UnsupportedPatternError(f"{where}={pattern.describe()}: no registered family serves "
                                           f"{type(pattern).__name__} in Config.{field}")
-        if type(pattern) in fam.not_yet:
-            raise UnsupportedPatternError(f"{where}={pattern.describe()}: not yet supported by the {fam.name} family: "
-                                          f"{fam.not_yet[type(pattern)]}")
         if not fam.supported:
             raise UnsupportedPatternError(
                 f"{where}={pattern.describe()}: {fam.name} sparsity is not yet supported (the {fam.name} "

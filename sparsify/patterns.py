@@ -209,7 +209,9 @@ class ActivationThreshold(Pattern):
 @_register
 @dataclasses.dataclass(frozen=True)
 class TopK(Pattern):
-    """Keep the k (or `fraction`) largest-magnitude activations per token."""
+    """Keep about the k (or `fraction`) largest-magnitude hidden activations of each token, by
+    statistical top-k (as Spark Transformer): a cut per token at mean + c * std of its activations'
+    magnitudes, no sort; c is calibrated on the calibration data to keep that many on average."""
 
     field: ClassVar[str] = "activation"
     k: int | None = None

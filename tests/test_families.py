@@ -136,12 +136,6 @@ def test_an_override_naming_an_unimplemented_family_is_refused():
         sparsify.compile(MLP(), config=Config(overrides={"fc1": sparsify.SlidingWindow(8)}))
 
 
-def test_a_pattern_an_implemented_family_does_not_serve_yet_is_refused():
-    with pytest.raises(sparsify.UnsupportedPatternError, match=r"Config\.activation=TopK.*not yet supported by "
-                                                               r"the activation family"):
-        sparsify.compile(MLP(), config=Config(activation=sparsify.TopK(k=2)))
-
-
 # ---- phases ---------------------------------------------------------------------------------------
 def test_a_user_pass_joins_the_end_of_its_phase_and_runs_on_every_build():
     from sparsify.pipeline import default_pass_names, unregister_pass

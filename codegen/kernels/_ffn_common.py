@@ -9,6 +9,10 @@ schema, so the activation family rewrites to whichever the chooser measured fast
     h = s * (x @ w_up^T + b_up) (gated) or s (ungated), zero where not active
     y = h @ w_down^T + bias (+ residual, cast: the shared epilogue)
 
+"topk" / "gated_topk" (statistical top-k, as Spark Transformer: no sort): per token, from the mean
+and standard deviation of |s| over the F units, active[m, f] = |s[m, f]| > mean_m + threshold[f] * std_m
+(threshold holds the coefficient, calibrated so that the wanted fraction is kept).
+
 "predicted" (ungated, Deja Vu): the active set comes from a low-rank predictor instead,
     active[m, f] = ((x @ pred_in) @ pred_out)[m, f] + pred_bias[f] > 0
 and the up-projection is computed for the predicted rows only; where the predictor misses a row
@@ -24,7 +28,9 @@ import torch
 
 from sparsify.codegen.epilogue import activation_reference
 
-MODES = ("ungated", "gated", "predicted")
+MODES = ("ungated", "gated", "predicted", "topk", "gated_topk")
+GATED_MODES = ("gated", "gated_topk")
+TOPK_MODES = ("topk", "gated_topk")
 # FFN activations: the epilogue's, plus relu^2 (Primer, ReLU-fied LLMs).
 FFN_ACTIVATIONS = ("relu", "relu2", "gelu", "gelu_tanh", "silu")
 
@@ -58,8 +64,8 @@ def check_ffn_args(x, w_up, b_up, w_gate, b_gate, w_down_t, threshold, act, mode
         raise ValueError(f"ffn: w_down_t must be [F={f}, D_out], got {tuple(w_down_t.shape)}")
     if threshold.shape != (f,):
         raise ValueError(f"ffn: threshold must be [F={f}], got {tuple(threshold.shape)}")
-    if (mode == "gated") != (w_gate is not None):
-        raise ValueError(f"ffn: mode {mode!r} {'needs' if mode == 'gated' else 'takes no'} w_gate")
+    if (mode in GATED_MODES) != (w_gate is not None):
+        raise ValueError(f"ffn: mode {mode!r} {'needs' if mode in GATED_MODES else 'takes no'} w_gate")
     if w_gate is not None and w_gate.shape != w_up.shape:
         raise ValueError(f"ffn: w_gate must have w_up's shape {tuple(w_up.shape)}, got {tuple(w_gate.shape)}")
     for name, b in (("b_up", b_up), ("b_gate", b_gate), ("pred_bias", pred_bias)):
@@ -79,13 +85,17 @@ def ffn_hidden_reference(x, w_up, b_up, w_gate, b_gate, threshold, act, mode, pr
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     x2 = x.reshape(-1, x.shape[-1]).to(acc)
     up = x2 @ w_up.to(acc).T + (b_up.to(acc) if b_up is not None else 0)
-    if mode == "gated":
+    if mode in GATED_MODES:
         s = ffn_activation(x2 @ w_gate.to(acc).T + (b_gate.to(acc) if b_gate is not None else 0), act)
         h = s * up
     else:
         s = ffn_activation(up, act)
         h = s
-    active = s.abs() > threshold.to(acc)
+    if mode in TOPK_MODES:
+        a = s.abs()
+        active = a > a.mean(-1, keepdim=True) + threshold.to(acc) * a.std(-1, unbiased=False, keepdim=True)
+    else:
+        active = s.abs() > threshold.to(acc)
     if mode == "predicted":
         active &= (x2 @ pred_in.to(acc)) @ pred_out.to(acc) + pred_bias.to(acc) > 0
     return torch.where(active, h, torch.zeros((), dtype=acc))

@@ -40,7 +40,7 @@ def kernel_for(d: int, f: int, dout: int, mode: str, act: str, dtype: torch.dtyp
         src, name = cpu_ffn_source.source(d, f, dout, mode, act, _DTYPES[dtype], _OUT_DTYPES[out_dtype], has_bup,
                                           has_bgate, has_bias, has_res, activation)
         fn = getattr(cpu_build.build(src, name), name)
-        fn.argtypes = [_P] * 11 + [_I64, _I] + [_P] * 6
+        fn.argtypes = [_P] * 11 + [_I64, _I] + [_P] * 8
         fn.restype = None
         _FUNCS[key] = fn
     return fn
@@ -61,9 +61,10 @@ _SCRATCH = threading.local()
 
 
 def _scratch(f: int, m: int, nth: int) -> tuple[int, list[int]]:
-    """(address, byte offsets) of the kernel's scratch arrays (idx, hv, cnt, acc, tmp, kept) in one
+    """(address, byte offsets) of the kernel's scratch arrays (idx, hv, cnt, acc, tmp, kept, stat,
+    theta) in one
     buffer kept per thread and grown as needed: seven allocations a call cost more than a small block."""
-    sizes = [4 * f, 4 * f * m, 4 * nth, 4 * nth * _ACC_FLOATS, 4 * nth * 2 * m, 4]
+    sizes = [4 * f, 4 * f * m, 4 * nth, 4 * nth * _ACC_FLOATS, 4 * nth * 2 * m, 4, 8 * nth * 2 * m, 4 * 2 * m]
     offsets, total = [], 0
     for size in sizes:
         offsets.append(total)
@@ -118,7 +119,7 @@ def ffn_cpu_host(x, w_up, b_up, w_gate, b_gate, w_down_t, threshold, act: str, m
     fn(x2.data_ptr(), w_up.data_ptr(), _ptr(_as(b_up, wdtype)), _ptr(w_gate), _ptr(_as(b_gate, wdtype)),
        w_down_t.data_ptr(), _as(threshold, torch.float32).data_ptr(), _ptr(logits), _ptr(_as(bias, wdtype)),
        _ptr(res), y.data_ptr(), m, nth, *(base + o for o in offsets[:5]),
-       kept.data_ptr() if kept is not None else base + offsets[5])
+       kept.data_ptr() if kept is not None else base + offsets[5], base + offsets[6], base + offsets[7])
     return y
 
 

@@ -1,5 +1,5 @@
 """Generated CPU FFN kernels (ffn_cpu): against a float64 reference at batch 1, 3, 16 and more, fp32 and
-bf16 weights, odd sizes, every mode and activation, thresholds that drop about half and 90% of the
+bf16 weights, odd sizes, every mode (statistical top-k too) and activation, thresholds that drop about half and 90% of the
 units, the epilogue, poisoned outputs and scratch, the count of units read, bad arguments."""
 import zlib
 
@@ -26,15 +26,18 @@ def _block(d, f, dout, mode, gen, rank=6):
     r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     blk = {"w_up": r(f, d) / d ** 0.5, "b_up": r(f) * 0.2, "w_gate": None, "b_gate": None,
            "w_down_t": r(f, dout) / f ** 0.5, "pred_in": None, "pred_out": None, "pred_bias": None}
-    if mode == "gated":
+    if mode in ("gated", "gated_topk"):
         blk.update(w_gate=r(f, d) / d ** 0.5, b_gate=r(f) * 0.2)
     if mode == "predicted":
         blk.update(pred_in=r(d, rank), pred_out=r(rank, f), pred_bias=r(f))
     return blk
 
 
-def _threshold(x, blk, act, drop):
-    """A threshold (one for the block) that drops about `drop` of the (token, unit) entries of this x."""
+def _threshold(x, blk, act, drop, mode="ungated"):
+    """A threshold (one for the block) that drops about `drop` of the (token, unit) entries of this x;
+    for top-k the coefficient of the per-token cut mean + c * std (c = 0: about half, 1.3: ~90%)."""
+    if mode in ("topk", "gated_topk"):
+        return torch.full((blk["w_up"].shape[0],), {0.5: 0.0, 0.9: 1.3}[drop])
     w, b = (blk["w_gate"], blk["b_gate"]) if blk["w_gate"] is not None else (blk["w_up"], blk["b_up"])
     s = ffn_activation(x.double() @ w.double().T + b.double(), act).abs()
     q = torch.full((s.shape[1],), torch.quantile(s.float().flatten(), drop).item())
@@ -62,7 +65,7 @@ def _call(x, blk, thr, act, mode, dtype, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ("ungated", "gated", "predicted"))
+@pytest.mark.parametrize("mode", ("ungated", "gated", "predicted", "topk", "gated_topk"))
 @pytest.mark.parametrize("m", TOKENS)
 def test_every_mode_matches_float64(gen, dtype, mode, m):
     for d, f, dout in SIZES:
@@ -70,7 +73,7 @@ def test_every_mode_matches_float64(gen, dtype, mode, m):
         x = torch.randn(m, d, generator=gen)
         for act in ("relu", "silu"):
             for drop in (0.5, 0.9):
-                thr = _threshold(x, blk, act, drop)
+                thr = _threshold(x, blk, act, drop, mode)
                 out = poison(torch.empty(m, dout, dtype=torch.float32))
                 kept = torch.zeros(1, dtype=torch.int32)
                 y, ref = _call(x, blk, thr, act, mode, dtype, out=out, kept=kept)

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import sparsify
-from sparsify import ActivationThreshold, Auto, Config, Dense, ExactZeros, PredictedActive
+from sparsify import ActivationThreshold, Auto, Config, Dense, ExactZeros, PredictedActive, TopK
 from sparsify.plan import FORCED, SPARSE
 
 FAST = dict(timing_repeats=2, check_model_speed=False)
@@ -86,6 +86,29 @@ def test_thresholds_are_calibrated_and_the_error_is_stated():
     y, ref = sm(x), model(x)
     err = ((y - ref).norm() / ref.norm()).item()
     assert 0 < err == pytest.approx(sm.plan.model_error, rel=1e-3)
+
+
+@pytest.mark.parametrize("gated", (False, True))
+def test_statistical_top_k_keeps_the_fraction_per_token(gated):
+    class Gated(FFN):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(48, 200)
+
+        def forward(self, x):
+            return self.fc2(torch.nn.functional.silu(self.gate(x)) * self.fc1(x))
+
+    torch.manual_seed(0)
+    model = (Gated() if gated else Net(n=1, shift=0.0)).eval()
+    calib = [_x(2, 64, 48, seed=s) for s in (2, 3)]
+    cfg = Config(activation=TopK(fraction=0.3), weight=Dense(), force=True, max_error=1.0, **FAST)
+    sm = sparsify.compile(model, (_x(1, 8, 48),), cfg, calibration_data=calib, progress=False)
+    (lp,) = [lp for lp in sm.plan.layers.values() if lp.family == "activation"]
+    assert lp.status in (SPARSE, FORCED) and lp.sparsity == pytest.approx(0.7, abs=0.02)
+    assert sparsify.ir.op_arg(_ffn_ops(sm)[0], "mode")[1] == ("gated_topk" if gated else "topk")
+    x = _x(1, 8, 48)
+    err = ((sm(x) - model(x)).norm() / model(x).norm()).item()
+    assert 0 < err < 0.5
 
 
 def test_auto_takes_the_lossless_pattern_under_a_tight_budget():

@@ -13,7 +13,7 @@ import math
 import torch
 
 from sparsify.codegen.kernels._ffn_common import ffn_activation
-from sparsify.patterns import ActivationThreshold, ExactZeros, PredictedActive
+from sparsify.patterns import ActivationThreshold, ExactZeros, PredictedActive, TopK
 
 # activations whose output is exactly zero wherever the pre-activation is <= 0, and grows with it above
 ZERO_ACTIVATIONS = ("relu", "relu2")
@@ -56,10 +56,13 @@ def _between(sorted_vals: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def thresholds(pattern, s: torch.Tensor) -> torch.Tensor:
-    """The per-unit thresholds [F] (a unit is kept where |s| > its threshold)."""
+    """The per-unit thresholds [F] (a unit is kept where |s| > its threshold); for TopK the
+    coefficient c of the per-token cut mean + c * std of |s| (the same for every unit)."""
     f = s.shape[1]
     if isinstance(pattern, (ExactZeros, PredictedActive)):
         return torch.zeros(f)
+    if isinstance(pattern, TopK):
+        return torch.full((f,), topk_coefficient(pattern, s))
     if not isinstance(pattern, ActivationThreshold):
         raise TypeError(f"no thresholds for {type(pattern).__name__}")
     a = s.abs().float()
@@ -71,6 +74,24 @@ def thresholds(pattern, s: torch.Tensor) -> torch.Tensor:
         flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
     k = max(1, math.ceil(pattern.sparsity * flat.numel()))
     return torch.full((f,), _between(flat.sort().values, k).item())
+
+
+def topk_keep(pattern, f: int) -> float:
+    """The fraction of units a TopK keeps per token."""
+    return min(1.0, pattern.k / f) if pattern.k is not None else pattern.fraction
+
+
+def topk_coefficient(pattern, s: torch.Tensor) -> float:
+    """c such that |s| > mean + c * std (per token, over the units) keeps TopK's fraction of the
+    calibration tokens' entries: the statistical top-k's cut, calibrated instead of assuming a
+    Gaussian."""
+    a = s.abs().float()
+    z = ((a - a.mean(1, keepdim=True)) / a.std(1, unbiased=False, keepdim=True).clamp_min(1e-12)).flatten()
+    if z.numel() > 1 << 24:
+        z = z[torch.randperm(z.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 24]]
+    drop = 1.0 - topk_keep(pattern, s.shape[1])
+    k = min(z.numel(), max(1, math.ceil(drop * z.numel())))
+    return _between(z.sort().values, k).item()
 
 
 def too_few_tokens(pattern, tokens: int) -> str | None:
@@ -107,8 +128,12 @@ def fit_predictor(x2, w_up, b_up, z_up, threshold, rank: int, recall: float):
     return pred_in, pred_out, pred_bias
 
 
-def active_mask(s, threshold, x2=None, predictor=None) -> torch.Tensor:
-    keep = s.abs() > threshold
+def active_mask(s, threshold, x2=None, predictor=None, topk: bool = False) -> torch.Tensor:
+    a = s.abs()
+    if topk:
+        keep = a > a.mean(-1, keepdim=True) + threshold * a.std(-1, unbiased=False, keepdim=True)
+    else:
+        keep = a > threshold
     if predictor is not None:
         pred_in, pred_out, pred_bias = predictor
         keep &= x2.float() @ pred_in @ pred_out + pred_bias > 0

@@ -2,9 +2,11 @@
 
 Sites are FFN blocks (sites.py); a site's pattern comes from Config.activation (or an override on
 the block's module fqn, e.g. "model.layers.*.mlp"). Candidates: ExactZeros (lossless, ReLU-like
-activations), ActivationThreshold (per unit or per block, calibrated to a target sparsity),
-PredictedActive (a low-rank predictor of the active units, ungated ReLU-like FFNs), or for Auto
-all that apply. Each is measured as the graph will run it: the FFN kernel (`replaces="ffn"` in the
+activations), ActivationThreshold (per unit or per block, calibrated to a target sparsity), TopK
+(statistical top-k: a cut per token from the mean and std of its activations, its coefficient
+calibrated to keep the wanted fraction), PredictedActive (a low-rank predictor of the active units,
+ungated ReLU-like FFNs), or for Auto all that apply but TopK. Each is measured as the graph will
+run it: the FFN kernel (`replaces="ffn"` in the
 registry: the generated CPU kernel, Triton on GPUs) against the dense block, interleaved, with the
 residual / cast the rewrite will fuse; its error at the model output through a NodeEdit of the
 activation (sensitivity.py), accumulated over the sites chosen before it. The plan keeps the pattern,
@@ -76,8 +78,6 @@ class ActivationFamily(Family):
     field = "activation"
     patterns = (ExactZeros, ActivationThreshold, PredictedActive, TopK)
     auto = True
-    not_yet = {TopK: "statistical top-k (a threshold per token from the mean and std of its activations) has no "
-                     "kernel yet; use ActivationThreshold (calibrated per unit or per block) or ExactZeros"}
 
     def wanted(self, config) -> bool:
         """Only when the Config asks for activation sparsity somewhere (Dense is the default)."""
@@ -180,7 +180,7 @@ class ActivationFamily(Family):
             kernels = [k for k in kernels if k.name in ctx.config.kernels]
         trials = [Trial(Candidate(pattern, name, sparsity, note=w)) for name, w in why_not.items()]
         ref = ffn_reference(x.float(), **_reference_args(prepared), bias=None if b_down is None else b_down.float())
-        edit = {NodeEdit(info.act_out, (info.x,)): _activation_edit(prepared, info.mode)}
+        edit = {NodeEdit(info.act_out, (info.x,)): _activation_edit(prepared, prepared.static["mode"])}
         params = {"threshold_digest": C.digest(prepared.buffers["threshold"]), "sparsity": round(sparsity, 4)}
         for k in kernels:
             try:
@@ -205,8 +205,11 @@ class ActivationFamily(Family):
         predictor = None
         if isinstance(pattern, PredictedActive):
             predictor = C.fit_predictor(x2, w_up, b_up, z_up, thr, pattern.rank, pattern.recall)
-        keep = C.active_mask(s, thr, x2, predictor)
+        topk = isinstance(pattern, TopK)
+        keep = C.active_mask(s, thr, x2, predictor, topk)
         mode = "predicted" if predictor is not None else info.mode
+        if topk:
+            mode = "gated_topk" if info.gate is not None else "topk"
         tensors = {"w_up": w_up.contiguous(), "b_up": b_up, "w_gate": None if w_gate is None else w_gate.contiguous(),
                    "b_gate": b_gate, "w_down_t": w_down_t, "threshold": thr.float().contiguous()}
         if predictor is not None:
@@ -272,10 +275,11 @@ def _activation_edit(prepared: Prepared, mode: str):
     it drops become zero. In a gated block s multiplies the up projection, so that drops them too."""
     thr = prepared.buffers["threshold"]
     pred = tuple(prepared.buffers[k] for k in ("pred_in", "pred_out", "pred_bias")) if mode == "predicted" else None
+    topk = mode in ("topk", "gated_topk")
 
     def edit(s, x):
         x2 = x.reshape(-1, x.shape[-1])
-        keep = C.active_mask(s.reshape(-1, s.shape[-1]).float(), thr, x2, pred)
+        keep = C.active_mask(s.reshape(-1, s.shape[-1]).float(), thr, x2, pred, topk)
         return torch.where(keep.reshape(s.shape), s, torch.zeros((), dtype=s.dtype))
     return edit
 
