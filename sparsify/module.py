@@ -101,10 +101,14 @@ def _check_device(config: Config) -> None:
         raise ConfigError(f"Config.device={config.device!r}: sparsify compiles for 'cpu' or 'cuda'")
 
 
+class _CacheEntryOff(RuntimeError):
+    """A plan from the plan cache measured over the budget here: compiled afresh instead."""
+
+
 class SparseModule(nn.Module):
     def __init__(self, model: nn.Module, config: Config | None = None, example_inputs=None,
                  calibration_data=None, pipeline: Pipeline | None = None, verbose: bool = False,
-                 plan=None, prepared: dict | None = None, progress: bool = True):
+                 plan=None, prepared: dict | None = None, progress: bool = True, plan_cache: bool = True):
         super().__init__()
         from . import passes_loader  # registers the default passes (roof imports passes)
 
@@ -126,6 +130,13 @@ class SparseModule(nn.Module):
         object.__setattr__(self, "_model", self._prepare(model))
         self._calibration_data = calibration_data
         self._pipeline = pipeline or Pipeline.default()
+        # the plan cache (plan_cache.py): only for a compile that plans, with the default pipeline
+        self._plan_cache_on = plan_cache and plan is None and pipeline is None
+        self._plan_from_cache = self._plan_cache_refused = False
+        self._plan_cache_key: str | None = None
+        self._pending_notes: list[str] = []     # plan cache notes for the plan the compile makes
+        self.plan_cache_info: str = "off" if not plan_cache else "not used: a plan was given" if plan is not None \
+            else "not used: a custom pipeline" if pipeline is not None else "not compiled yet"
         self._compiled: dict[tuple, Capture] = {}
         self._guards: Guards | None = None
         self._state: dict[str, CompileState] = {}   # per part prefix: the compile state of the first compile
@@ -253,24 +264,40 @@ class SparseModule(nn.Module):
 
     def _compile_first(self, args, kwargs) -> None:
         t0 = time.perf_counter()
+        cast = self._cast_inputs(args, kwargs)
+        # read once: an iterable of calibration data may be a generator
+        batches = [self._cast_inputs(a, k) for a, k in normalize_batches(cast, self._calibration_data)]
+        try:
+            self._compile_once(args, kwargs, batches, t0)
+        except Exception as e:  # noqa: BLE001 - a plan cache entry that does not apply is never an error
+            if not self._plan_from_cache:
+                raise
+            self._plan_cache_mismatch(str(e) if isinstance(e, _CacheEntryOff) else
+                                      f"it failed to apply ({type(e).__name__}: {str(e)[:160]})")
+            self._compile_once(args, kwargs, batches, t0)
+
+    def _compile_once(self, args, kwargs, batches, t0: float) -> None:
         args, kwargs = self._cast_inputs(args, kwargs)
         self._say("capture")
         cap = capture(self._model, args, kwargs)
         for f in cap.failures:
             self._say(f"capture: {f.prefix or '<model>'}: {f.reason}")
         self._record_guards(args, kwargs)
-        batches = [self._cast_inputs(a, k) for a, k in normalize_batches((args, kwargs), self._calibration_data)]
+        cache_key, cached = self._plan_cache_lookup(cap, args, kwargs, batches)
         # The graph was captured for the example's shapes: batches of other shapes are calibrated on
         # captures of their own (statistics only); errors and times are taken on the example's shapes.
         sig = _signature(args, kwargs)
         others = [b for b in batches if _signature(*b) != sig]
         batches = [b for b in batches if _signature(*b) == sig] or [(args, kwargs)]
-        pre_stats = self._stats_of_other_shapes(others)
+        # a plan from the cache comes with the prepared data of every changed site: no statistics needed
+        pre_stats = {} if cached else self._stats_of_other_shapes(others)
         per_part = self._part_batches(cap, batches)
         pipe = self._pipeline
         back = pipe.phase("rewrite", "lower")
         if self._given_plan is None:
             front = pipe.phase("canonicalize", "analysis")
+        elif cached:   # find the sites and apply the plan with its prepared data
+            front = pipe.providers(back.requirements() - {"plan", "prepared"})
         else:   # a plan made before: find the sites (and statistics, for wanda masks) and apply it
             front = pipe.providers(back.requirements() - {"plan", "prepared"} | {"stats"})
         timing = Timing()
@@ -292,11 +319,13 @@ class SparseModule(nn.Module):
         self.config.check_overrides_match(sorted(named))
         if self._given_plan is None:
             self.plan = Plan(plans)
+            self.plan.notes.extend(self._pending_notes)
         self.plan.error_measure = _measure_words(self.config)
         if others:
-            self.plan.notes.append(f"{len(others)} calibration batch(es) of other shapes than the example gave "
-                                   f"statistics only; errors and times are measured on the {len(batches)} "
-                                   f"shaped like the example")
+            note = (f"{len(others)} calibration batch(es) of other shapes than the example gave statistics "
+                    f"only; errors and times are measured on the {len(batches)} shaped like the example")
+            if note not in self.plan.notes:
+                self.plan.notes.append(note)
         self._state = {prefix: ctx.state for prefix, ctx in contexts.items()}
         available = {"sites", "stats", "plan", "prepared"}
 
@@ -311,7 +340,14 @@ class SparseModule(nn.Module):
             self._verify_and_roll_back(cap, batches, dense, build)
             self._check_model_speed(cap, batches, dense, build)
         else:
-            self._record_error(self._error(dense, self._run_all(cap.root, batches)))
+            cached_error = self.plan.model_error
+            err = self._error(dense, self._run_all(cap.root, batches))
+            self._record_error(err)
+            if cached and self.plan.sparse_layers() and \
+                    err > max(self.config.max_error, cached_error or 0.0) * 1.05 + 1e-7:
+                raise _CacheEntryOff(f"it measured model error {err:.3g} now, "
+                                     f"{cached_error if cached_error is not None else float('nan'):.3g} "
+                                     f"when planned (max_error {self.config.max_error})")
         self._pass_through_if_dense(cap)
         self._compiled[_signature(args, kwargs)] = cap
         self.capture_info = cap
@@ -321,8 +357,58 @@ class SparseModule(nn.Module):
             for k, v in ctx.rule_counts.items():
                 self.rule_counts[k] = self.rule_counts.get(k, 0) + v
         self.compile_seconds = time.perf_counter() - t0
+        if cache_key is not None and not cached:
+            from . import plan_cache
+
+            self.plan_cache_info = plan_cache.store(cache_key, self.plan, self.prepared, self.compile_seconds)
+            self._say(self.plan_cache_info)
         self._say(f"compiled in {self.compile_seconds:.1f} s: {len(self.plan.sparse_layers())}/"
-                  f"{len(self.plan)} sites changed, model error {self.plan.model_error:.3g}")
+                  f"{len(self.plan)} sites changed, model error {self.plan.model_error:.3g}"
+                  + (" (plan from the plan cache)" if cached else ""))
+
+    def _plan_cache_lookup(self, cap: Capture, args, kwargs, batches) -> tuple[str | None, bool]:
+        """(the plan cache key of this compile, or None when it is not cached; whether an entry was
+        found and taken as the given plan)."""
+        from . import plan_cache
+
+        if not self._plan_cache_on:
+            return None, False
+        if not plan_cache.enabled():
+            self.plan_cache_info = "off (SPARSIFY_PLAN_CACHE=0 or SPARSIFY_NO_COST_CACHE set)"
+            return None, False
+        why = plan_cache.uncacheable(self.config)
+        if why is not None:
+            self.plan_cache_info = f"not used: {why}"
+            return None, False
+        key, _ = plan_cache.key_of(model=self._user_model, config=self.config, device=self.device, cap=cap,
+                                   pipeline_names=self._pipeline.names, example=(args, kwargs), batches=batches)
+        self._plan_cache_key = key
+        plan, prepared, note = plan_cache.load(key) if not self._plan_cache_refused else (None, None, None)
+        if plan is None:
+            self.plan_cache_info = f"miss (key {key[:12]})"
+            if note:
+                self._pending_notes.append(note)
+            return key, False
+        self._say(f"plan cache hit (key {key[:12]}): apply the plan, no planning")
+        plan.notes = [n for n in plan.notes if not n.startswith("plan from the plan cache")] + [note]
+        self._given_plan, self._given_prepared, self.plan = plan, prepared, plan
+        self._plan_from_cache = True
+        self.plan_cache_info = f"hit (key {key[:12]})"
+        return key, True
+
+    def _plan_cache_mismatch(self, why: str) -> None:
+        """A cached plan that does not apply here (or measured over the budget): the entry is dropped
+        and the caller compiles afresh; the new plan's notes say why."""
+        from . import plan_cache
+
+        key = self._plan_cache_key
+        plan_cache.drop(key)
+        note = f"plan cache entry {key[:12]} dropped: {why}: planned again"
+        self._say(note)
+        self._given_plan, self._given_prepared, self._plan_from_cache = None, {}, False
+        self._plan_cache_refused = True
+        self.plan, self._state, self.rule_counts = None, {}, {}
+        self._pending_notes.append(note)
 
     def _stats_of_other_shapes(self, batches) -> dict[str, dict]:
         """Calibration statistics of batches whose shapes differ from the example's, per part prefix:
@@ -368,7 +454,7 @@ class SparseModule(nn.Module):
         if missing:
             raise ValueError(f"the plan names site(s) {missing[:6]} that this model does not have: it was made "
                              f"for another model (or another capture of it)")
-        if "plan applied as given" not in " ".join(plan.notes):
+        if not self._plan_from_cache and "plan applied as given" not in " ".join(plan.notes):
             plan.notes.append("plan applied as given: not re-planned, re-timed or rolled back")
 
     def _install(self, cap: Capture, part: CapturedPart, gm: fx.GraphModule) -> None:

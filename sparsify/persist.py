@@ -24,7 +24,9 @@ def model_signature(model: torch.nn.Module) -> tuple[list, str]:
             continue
         names.append([name, list(t.shape), str(t.dtype).replace("torch.", "")])
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.numel():     # the bytes as they are (a .tobytes() copy of BERT-base's 440 MB cost 0.2 s)
+            h.update(memoryview(flat.view(torch.uint8).numpy()))
     return names, h.hexdigest()
 
 

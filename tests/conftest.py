@@ -23,3 +23,10 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """Where kernel tests run: the GPU when there is one, else the CPU under TRITON_INTERPRET=1."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _no_plan_cache(monkeypatch):
+    """The plan cache is off in tests (tests compile the same model with the same config under other
+    fake timings): tests/test_plan_cache.py turns it on, in a folder of its own."""
+    monkeypatch.setenv("SPARSIFY_PLAN_CACHE", "0")
