@@ -155,11 +155,16 @@ class ActivationFamily(Family):
         shape_key = (site.op, tuple(x.shape), tuple(w_up.shape), tuple(w_down_t.shape), str(w_up.dtype),
                      f"epilogue={epi_act}+{'residual' if residual is not None else '-'}+{cast}")
         dense = Trial(Candidate(Dense(), "dense", 0.0), run=lambda: dense_block(x, residual), key=shape_key)
-        trials = []
+        trials, seen = [], {}
         with torch.no_grad():
             for pattern in patterns:
-                trials += self._trials(site, pattern, x, x2, s, z_up, (w_up, b_up, w_gate, b_gate, w_down_t),
-                                       b_down, dense_out, residual, (epi_act, cast), shape_key, ctx)
+                for t in self._trials(site, pattern, x, x2, s, z_up, (w_up, b_up, w_gate, b_gate, w_down_t),
+                                      b_down, dense_out, residual, (epi_act, cast), shape_key, ctx):
+                    if t.run is not None:   # a pattern that keeps exactly the units of an earlier one: timed once
+                        same = seen.setdefault((t.candidate.kernel, _identity(t.prepared)), t.candidate.pattern)
+                        if same != t.candidate.pattern:
+                            t.candidate.note, t.run = f"keeps the same units as {same.describe()}", None
+                    trials.append(t)
         return Measured(dense, trials)
 
     def _trials(self, site, pattern, x, x2, s, z_up, weights, b_down, dense_out, residual, epi, shape_key, ctx):
@@ -254,6 +259,12 @@ class ActivationFamily(Family):
             for n in inputs:
                 if n.op == "get_attr" and not n.users:
                     gm.graph.erase_node(n)
+
+
+def _identity(prepared: Prepared) -> tuple:
+    """What decides which units a candidate keeps: its mode and its thresholds / predictor."""
+    return (prepared.static["mode"],) + tuple(C.digest(prepared.buffers[k]) for k in
+                                              ("threshold", "pred_in", "pred_out", "pred_bias") if k in prepared.buffers)
 
 
 def _calibration_rows(stats) -> torch.Tensor:
