@@ -84,6 +84,16 @@ def compiler() -> str | None:
     return None if cc is not None else why
 
 
+def unsupported(dtype, dtypes, what: str) -> str | None:
+    """Why a generated kernel is not a candidate here (no compiler, or a dtype it does not take), or None."""
+    why = compiler()
+    if why is not None:
+        return f"generated CPU kernels need a C compiler: {why}"
+    if dtype not in dtypes:
+        return f"generated {what} kernels take float32 or bfloat16, the layer is {dtype}"
+    return None
+
+
 def build(source: str, name: str = "kernel") -> ctypes.CDLL:
     """The shared object built from `source` (C), from the in-process or disk cache when the same
     source was built before with the same compiler, flags and CPU."""

@@ -24,3 +24,15 @@ def check_kernel_output(kernel: str, out: torch.Tensor, ref: torch.Tensor) -> No
     if not err <= tol:                              # also catches NaN
         raise KernelMismatch(f"{kernel} output differs from the dense op on the same pruned weight: "
                              f"relative L2 {err:.3g} > {tol:g}")
+
+
+def checked_error(kernel: str, run, ref: torch.Tensor, dense: torch.Tensor) -> tuple[float | None, str]:
+    """A candidate kernel's output (`run()`) checked against `ref`, the same computation in torch:
+    (its error vs the dense output, "") or (None, why it is not a candidate). A kernel that fails
+    is not a candidate; the note says why."""
+    try:
+        out = run()
+        check_kernel_output(kernel, out, ref)
+        return rel_l2(out, dense), ""
+    except Exception as e:  # noqa: BLE001
+        return None, f"failed: {type(e).__name__}: {str(e)[:120]}"

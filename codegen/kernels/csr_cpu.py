@@ -199,12 +199,7 @@ csr_cpu_reference = functools.partial(csr_cpu_host, impl="reference")
 
 
 def _supports(pattern, dtype: torch.dtype, weight_shape: tuple) -> str | None:
-    why = cpu_build.compiler()
-    if why is not None:
-        return f"generated CPU kernels need a C compiler: {why}"
-    if dtype not in _DTYPES:
-        return f"generated CPU kernels take float32 or bfloat16, the layer is {dtype}"
-    return None
+    return cpu_build.unsupported(dtype, _DTYPES, "CPU")
 
 
 SPEC = KernelSpec(

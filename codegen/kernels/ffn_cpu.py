@@ -154,12 +154,7 @@ ffn_cpu_reference = functools.partial(ffn_cpu_host, impl="reference")
 
 
 def _supports(pattern, dtype: torch.dtype, weight_shape: tuple) -> str | None:
-    why = cpu_build.compiler()
-    if why is not None:
-        return f"generated CPU kernels need a C compiler: {why}"
-    if dtype not in _DTYPES:
-        return f"generated FFN kernels take float32 or bfloat16 weights, the block is {dtype}"
-    return None
+    return cpu_build.unsupported(dtype, _DTYPES, "FFN")
 
 
 def _not_packed(*args, **kwargs):

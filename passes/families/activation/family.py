@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.codegen.epilogue import activation_reference
-from sparsify.codegen.kernel_check import check_kernel_output
+from sparsify.codegen.kernel_check import checked_error
 from sparsify.codegen.kernels._ffn_common import ffn_reference
 from sparsify.family import Family, Measured, Probe, Site, SiteSkipped, Trial, register_family
-from sparsify.metrics import rel_l2
 from sparsify.patterns import ActivationThreshold, Auto, Dense, ExactZeros, PredictedActive, TopK
 from sparsify.plan import Candidate
 from sparsify.sensitivity import NodeEdit
@@ -188,13 +187,9 @@ class ActivationFamily(Family):
         edit = {NodeEdit(info.act_out, (info.x,)): _activation_edit(prepared, prepared.static["mode"])}
         params = {"threshold_digest": C.digest(prepared.buffers["threshold"]), "sparsity": round(sparsity, 4)}
         for k in kernels:
-            try:
-                out = k.call(x, prepared, b_down)
-                check_kernel_output(k.name, out, ref)
-                err = rel_l2(out, dense_out)
-            except Exception as e:   # a kernel that fails is not a candidate; say why
-                trials.append(Trial(Candidate(pattern, k.name, sparsity,
-                                              note=f"failed: {type(e).__name__}: {str(e)[:120]}")))
+            err, why = checked_error(k.name, lambda: k.call(x, prepared, b_down), ref, dense_out)
+            if err is None:
+                trials.append(Trial(Candidate(pattern, k.name, sparsity, note=why)))
                 continue
             trials.append(Trial(Candidate(pattern, k.name, sparsity, layer_error=err),
                                 run=lambda k=k: k.call(x, prepared, b_down, residual, epi[0], epi[1]),

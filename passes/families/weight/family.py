@@ -19,9 +19,8 @@ import torch.fx as fx
 from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.codegen.epilogue import activation_reference
-from sparsify.codegen.kernel_check import KernelMismatch, check_kernel_output  # noqa: F401  (re-exported)
+from sparsify.codegen.kernel_check import checked_error
 from sparsify.family import Family, Measured, SiteSkipped, Trial, register_family
-from sparsify.metrics import rel_l2
 from sparsify.patterns import NM, Auto, Block, Channel, Dense, Unstructured
 from sparsify.plan import Candidate
 from sparsify.state import Prepared
@@ -163,12 +162,12 @@ class WeightFamily(Family):
         for k in kernels:
             try:
                 prepared = k.pack(w_sparse, pattern, info.conv_params)
-                out = k.call(x, prepared, b_dev)
-                check_kernel_output(k.name, out, sparse_ref)
-                err = rel_l2(out, dense_out)
-            except Exception as e:  # a kernel that fails is not a candidate; say why
-                trials.append(Trial(Candidate(pattern, k.name, sparsity,
-                                              note=f"failed: {type(e).__name__}: {str(e)[:120]}")))
+            except Exception as e:  # a kernel that cannot pack is not a candidate; say why
+                prepared, why = None, f"failed: {type(e).__name__}: {str(e)[:120]}"
+            if prepared is not None:
+                err, why = checked_error(k.name, lambda: k.call(x, prepared, b_dev), sparse_ref, dense_out)
+            if prepared is None or err is None:
+                trials.append(Trial(Candidate(pattern, k.name, sparsity, note=why)))
                 continue
             trials.append(Trial(Candidate(pattern, k.name, sparsity, layer_error=err),
                                 run=lambda k=k, prepared=prepared: k.call(x, prepared, b_dev, residual, epi[0], epi[2]),
