@@ -3,6 +3,8 @@
 
     python benchmarks/bench_ffn.py                    # Llama-2-7B's FFN (4096 -> 11008 -> 4096), batch 1, 4, 16
     python benchmarks/bench_ffn.py --smoke --no-write # tiny: exercises every provider
+    python benchmarks/bench_ffn.py --gpu              # on a CUDA device: ffn_triton, fp16 (see below)
+    python benchmarks/bench_ffn.py --gpu --smoke --no-write   # the GPU cases, tiny, Triton interpreter
 
 Weights are random normal (fp32, stored as nn.Linear has them; w_down_t, the down weight
 transposed, for the gathers and ours). The zero rate after the activation is set by the up bias:
@@ -23,6 +25,11 @@ rate on the measured tokens is in the table). Cases, each timed interleaved in o
                 on |silu(gate)| calibrated to `zeros`, gathered up and down rows); ours with that
                 threshold, and ours with statistical top-k (TopK(fraction=1 - zeros): a cut per
                 token from the mean and std of |silu(gate)|, its coefficient calibrated)
+
+--gpu: Llama-3-8B's FFN (4096, 14336) and Llama-2-7B's (4096, 11008) in fp16, batch 1, 2, 4, 8, 16 and
+prefill 512, activation sparsity 0 / 25 / 40 / 50 / 70 / 90% (a per-block threshold on |silu(gate)|):
+the whole SwiGLU block (dense, torch gather of the kept rows, ffn_triton), timed by triton's
+do_bench. Not yet run: no GPU was lent when it was written.
 
 Every output is checked against a float32 torch reference of the same computation (WRONG above
 --tol); a lossy provider's error against the dense block is in its note.
@@ -73,7 +80,57 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results markdown (default benchmarks/results/<device>-ffn.md)")
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--gpu", action="store_true", help="the GPU cases (CUDA; with --smoke: the interpreter on CPU)")
     return p.parse_args(argv)
+
+
+GPU_SHAPES = ((4096, 14336), (4096, 11008))
+GPU_BATCHES = (1, 2, 4, 8, 16, 512)
+GPU_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.7, 0.9)
+GPU_SMOKE = dict(shapes=((64, 176),), batches=(1, 3), sparsities=(0.5,))
+
+
+def gpu_cases(args, timer, table, emit, device):
+    """The SwiGLU block and its down projection with ffn_triton, fp16, on `device`."""
+    from sparsify.codegen import runtime
+    from sparsify.codegen.kernels._ffn_common import ffn_reference
+    from sparsify.codegen.kernels.ffn_triton import ffn_triton_host
+
+    dtype = torch.float16
+    shapes = GPU_SMOKE["shapes"] if args.smoke else GPU_SHAPES
+    gen = torch.Generator().manual_seed(args.seed)
+    for d, f in shapes:
+        blk = Block(d, f, gen, gated=True)
+        w = {k: getattr(blk, k).to(device, dtype) for k in ("w_up", "w_gate", "w_down", "w_down_t", "b_down")}
+        calib = torch.randn(CALIB_TOKENS, d, generator=gen)
+        s_cal = F.silu(calib @ blk.w_gate.T).abs().flatten()
+        for zeros in GPU_SMOKE["sparsities"] if args.smoke else GPU_SPARSITIES:
+            cut = s_cal.kthvalue(max(1, int(zeros * s_cal.numel()))).values.item() if zeros else -1.0
+            thr = torch.full((f,), cut, device=device)
+            for m in GPU_SMOKE["batches"] if args.smoke else GPU_BATCHES:
+                x = torch.randn(m, d, generator=gen).to(device, dtype)
+                dense = lambda: F.linear(F.silu(F.linear(x, w["w_gate"])) * F.linear(x, w["w_up"]), w["w_down"],  # noqa: E731
+                                         w["b_down"])
+                ref = lambda: ffn_reference(x, w["w_up"], None, w["w_gate"], None, w["w_down_t"], thr, "silu",  # noqa: E731
+                                            "gated", bias=w["b_down"])
+
+                def gather():
+                    s = F.silu(F.linear(x, w["w_gate"]))
+                    keep = s.abs() > thr
+                    idx = keep.any(0).nonzero().squeeze(1)
+                    hh = torch.where(keep, s, 0).index_select(1, idx) * F.linear(x, w["w_up"].index_select(0, idx))
+                    return torch.addmm(w["b_down"], hh, w["w_down_t"].index_select(0, idx))
+
+                def ours():
+                    with runtime.force_triton():
+                        return ffn_triton_host(x, w["w_up"], None, w["w_gate"], None, w["w_down_t"], thr, "silu",
+                                               "gated", bias=w["b_down"])
+
+                providers = [H.Provider("dense", dense, "dense", ref=ref if zeros == 0 else dense, baseline=True),
+                             H.Provider("torch-gather", gather, f"threshold {zeros:g}", ref=ref),
+                             H.Provider("sparsify-triton", ours, f"threshold {zeros:g}", ref=ref)]
+                emit(H.run_case({"case": "swiglu (gpu)", "shape": f"{d}->{f}->{d}", "M": m}, providers, timer,
+                                5e-3 if zeros else 1e-2))
 
 
 class Block:
@@ -241,13 +298,18 @@ def main(argv=None) -> int:
     registry.specs()
     args = parse_args(argv)
     device = torch.device("cpu")
+    if args.gpu:
+        device = H.pick_device("bench_ffn", smoke=args.smoke, cpu_needs_smoke=True)
+        if device is None:
+            return 2
     timer = H.Timer(device, repeats=args.repeats)
     d, f = SMOKE["shape"] if args.smoke else SHAPE
     batches = args.batches or (SMOKE["batches"] if args.smoke else BATCHES)
     zeros_list = args.zeros or (SMOKE["zeros"] if args.smoke else ZEROS)
     env = H.Environment(device, [("timing", timer.description), ("shape", f"D={d}, F={f}, fp32"),
                                  ("reference", f"float32 torch of the same computation; WRONG above {args.tol:g}")])
-    path = H.results_path(device, "-ffn", args.out, smoke=args.smoke, no_write=args.no_write)
+    path = H.results_path(device, "-ffn-gpu" if args.gpu else "-ffn", args.out, smoke=args.smoke,
+                          no_write=args.no_write)
     results = H.Results(path, f"bench_ffn: {env.info['device']}", env)
     print(env.banner(), flush=True)
     table = H.ProviderTable((("case", "case"), ("shape", "shape"), ("M", "M")), args.tol)
@@ -262,6 +324,10 @@ def main(argv=None) -> int:
             print(table.line(row), flush=True)
         results.progress(table.markdown, table.rows)
 
+    if args.gpu:
+        gpu_cases(args, timer, table, emit, device)
+        results.finish("bench_ffn", table.markdown(), table.rows, table.summary())
+        return 1 if table.counts()["WRONG"] else 0
     for zeros in zeros_list:
         b_up = ungated.bias_for(calib, zeros)
         b_up_lr = ungated.bias_for(calib_lr, zeros)

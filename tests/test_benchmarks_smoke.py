@@ -185,3 +185,11 @@ def test_bench_ffn_smoke_runs_every_provider_correctly(tmp_path):
     for provider in ("torch-gather", "torch-embedding_bag", "sparsify-cpu", "sparsify-cpu-predicted"):
         assert f"| {provider} |" in text
     assert "WRONG" not in text.split("| note |")[1].split("Notes:")[0]
+
+
+def test_bench_ffn_gpu_cases_run_under_the_interpreter(tmp_path):
+    import bench_ffn
+
+    out = tmp_path / "ffn-gpu.md"
+    assert bench_ffn.main(["--gpu", "--smoke", "--repeats", "1", "--out", str(out)]) == 0
+    assert "| sparsify-triton |" in out.read_text()
