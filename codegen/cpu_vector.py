@@ -17,6 +17,7 @@ ACTIVATIONS = {   # on a vector v of VW values
 HEADER = r"""
 #include <stdint.h>
 #include <string.h>
+#include <stdlib.h>
 #include <math.h>
 #include <omp.h>
 

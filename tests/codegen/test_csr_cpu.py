@@ -65,6 +65,16 @@ def test_token_counts_and_odd_shapes(m, dtype, layout, gen):
     _run(randn(m, k, generator=gen), w, dtype, layout, randn(n, generator=gen), None, "none")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_batches_go_k_block_by_k_block(dtype, layout, gen):
+    """K > 512 and M >= two full tiles: the K-blocked pass (three blocks, the last partial), then the
+    tail tiles, with every epilogue term and the special rows."""
+    n, k, m = 37, 1100, 203
+    w = _weight(n, k, 0.85, gen)
+    _run(randn(m, k, generator=gen), w, dtype, layout, randn(n, generator=gen), randn(m, n, generator=gen), "gelu")
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("has_bias,has_residual", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("layout", LAYOUTS)
