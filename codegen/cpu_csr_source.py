@@ -154,7 +154,7 @@ static void pack_in(const tin* x, float* xs, int64_t M) {{
    the thread adds its nonzeros of that block to its running sums (yacc, streamed in order); cur[]
    is each row's position in its (column-sorted) nonzeros. Then the epilogue per row. */
 #ifndef KB
-#define KB 512   /* measured against 32-256 and none on BERT-base shapes at M 128-2048: 1.02-1.2x, never slower */
+#define KB 512   /* against none on BERT-base shapes at M 128-2048: 1.02-1.15x (benchmarks/bench_csr_kblock.py); 32-64 were slower */
 #endif
 #define KB_MIN_M (2 * MT)
 #define KSTEP {{ vf w = (vf){{0}} + in_(val[p]); const float* xr = xt + (int64_t)col[p] * MT; \

@@ -163,6 +163,17 @@ def test_bench_cpu_smoke_runs_every_provider_correctly(tmp_path):
     assert "**WRONG**" not in text and "error:" not in text and "load average" in text
 
 
+@pytest.mark.skipif(__import__("sparsify.codegen.cpu_build", fromlist=["x"]).compiler() is not None,
+                    reason="no C compiler")
+def test_bench_csr_kblock_smoke_checks_every_block_size(tmp_path):
+    import bench_csr_kblock
+
+    out = tmp_path / "kblock.md"
+    assert bench_csr_kblock.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| 600->24 | 130 | 512 |" in text and "| 600->24 | 130 | 0 |" in text and "load average" in text
+
+
 def test_bench_cpu_models_smoke_compiles_and_says_when_a_peer_is_absent(tmp_path, monkeypatch):
     import bench_cpu_models
 
