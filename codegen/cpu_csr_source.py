@@ -150,20 +150,16 @@ static void pack_in(const tin* x, float* xs, int64_t M) {{
   }}
 }}
 
-/* K-blocked full tiles: the x^T rows of one K block (KB x MT floats) stay in L1 while every row of
-   the thread adds its nonzeros of that block to its running sums (yacc, streamed in order); cur[]
-   is each row's position in its (column-sorted) nonzeros. Then the epilogue per row. */
+/* K-blocked full tiles: the x^T rows of one K block (KB x MT floats, 128 KB) stay in L2 while every
+   row of the thread adds its nonzeros of that block to its running sums (yacc, streamed in order);
+   cur[] is each row's position in its (column-sorted) nonzeros. Then the epilogue and the stores
+   through ROWS, with FROM_YACC as its tile function. */
 #ifndef KB
 #define KB 512   /* against none on BERT-base shapes at M 128-2048: 1.02-1.15x (benchmarks/bench_csr_kblock.py); 32-64 were slower */
 #endif
 #define KB_MIN_M (2 * MT)
-#define KSTEP {{ vf w = (vf){{0}} + in_(val[p]); const float* xr = xt + (int64_t)col[p] * MT; \
-  for (int i = 0; i < NV; i++) {{ vf v; memcpy(&v, xr + VW * i, sizeof v); acc[i] += w * v; }} }}
-#if OUT_ROW
-#define KSTORE(n, a) finish(n, m0, MT, a, res, buf + ((n) - n0), RB)
-#else
-#define KSTORE(n, a) finish(n, m0, MT, a, res, y + (int64_t)(n) * M + m0, 1)
-#endif
+#define FROM_YACC(n, CNT, rp, col, val, xt, b, res, m0, dst, stride, plim) \
+  finish(n, m0, CNT, yacc + (int64_t)((n) - r0) * MT, res, dst, stride)
 #define KROWS \
   for (int n = r0; n < r1; n++) {{ cur[n - r0] = rp[n]; float b = BIAS(n); for (int t = 0; t < MT; t++) yacc[(int64_t)(n - r0) * MT + t] = b; }} \
   for (int k0 = 0; k0 < K_IN; k0 += KB) {{ \
@@ -172,21 +168,11 @@ static void pack_in(const tin* x, float* xs, int64_t M) {{
       float* ya = yacc + (int64_t)(n - r0) * MT; \
       vf acc[NV]; memcpy(acc, ya, sizeof acc); \
       int32_t p = cur[n - r0], pe = rp[n + 1]; \
-      for (; p < pe && col[p] < kend; p++) KSTEP \
+      for (; p < pe && col[p] < kend; p++) STEP(NV) \
       cur[n - r0] = p; memcpy(ya, acc, sizeof acc); \
     }} \
   }} \
-  KFINISH
-#if OUT_ROW
-#define KFINISH \
-  for (int n0 = r0; n0 < r1; n0 += RB) {{ \
-    int nr_ = r1 - n0 < RB ? r1 - n0 : RB; \
-    for (int n = n0; n < n0 + nr_; n++) KSTORE(n, yacc + (int64_t)(n - r0) * MT); \
-    for (int t = 0; t < MT; t++) memcpy(y + (m0 + t) * N_OUT + n0, buf + t * RB, nr_ * sizeof(tout)); \
-  }}
-#else
-#define KFINISH for (int n = r0; n < r1; n++) KSTORE(n, yacc + (int64_t)(n - r0) * MT);
-#endif
+  ROWS(FROM_YACC, MT)
 
 /* the rows [r0, r1) for the `cnt` tokens of the tile at m0, with one tile function */
 #if OUT_ROW

@@ -10,6 +10,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import harness as H  # noqa: E402
+from sparsify.codegen import cpu_build  # noqa: E402
 
 
 class FixedTimer:
@@ -163,8 +164,7 @@ def test_bench_cpu_smoke_runs_every_provider_correctly(tmp_path):
     assert "**WRONG**" not in text and "error:" not in text and "load average" in text
 
 
-@pytest.mark.skipif(__import__("sparsify.codegen.cpu_build", fromlist=["x"]).compiler() is not None,
-                    reason="no C compiler")
+@pytest.mark.skipif(cpu_build.compiler() is not None, reason="no C compiler")
 def test_bench_csr_kblock_smoke_checks_every_block_size(tmp_path):
     import bench_csr_kblock
 
