@@ -63,6 +63,10 @@ RATIO_TOLERANCE = 0.15      # a ratio whose per-round spread stays above this is
 # with its warm-up calls, over three or more rounds and 72 layers made a compile take many minutes,
 # for no steadier ratio than 2 calls of that length give.
 ROUND_BUDGET_MS, MIN_CALLS = 400.0, 2
+# With a threshold, a candidate at least this many times the threshold in each of two rounds is
+# decided faster (the mirror of the 0.6 below which one is decided slower): every round it would
+# still sit in costs a call of each function (two seconds of BERT-base at batch 16, dense).
+DECIDED_FASTER = 1 / 0.6
 CACHE_TTL_DAYS = 30         # an older cached timing is stale: measured again
 
 
@@ -154,8 +158,10 @@ def compare_rounds(fns, device: torch.device, repeats: int = 5, min_rounds: int 
     over the last `min_rounds` rounds, or `max_rounds` rounds have run (then the unsteady ones are
     marked not stable). With a decision `threshold` (the speedup a candidate needs), a candidate
     whose ratio is below 0.6 x threshold after a round is decided, slower, and leaves the rounds: no
-    noise seen on a shared machine turns that around. A function that raises is not timed (its
-    error is kept)."""
+    noise seen on a shared machine turns that around; one whose ratio was at least DECIDED_FASTER x
+    threshold in each of two or more rounds is decided, faster, and leaves too (a 4x model does not
+    need a third two-second round to be called faster than dense). A function that raises is not
+    timed (its error is kept)."""
     errors, once_ms = {}, []
     for i, fn in enumerate(fns):
         try:
@@ -174,13 +180,14 @@ def compare_rounds(fns, device: torch.device, repeats: int = 5, min_rounds: int 
     best: dict[int, float] = {}
     live = [0, *ratios]
     for r in range(max_rounds):
-        times = compare_ms([fns[i] for i in live], device, repeats, warmup=2 if r == 0 else 1)
+        times = compare_ms([fns[i] for i in live], device, repeats, warmup=1)   # each fn ran twice above
         for i, ms in zip(live, times):
             best[i] = min(best.get(i, ms), ms)
             if i:
                 ratios[i].append(times[0] / ms)
         if threshold is not None:
-            live = [0] + [i for i in live[1:] if statistics.median(ratios[i]) >= 0.6 * threshold]
+            live = [0] + [i for i in live[1:] if statistics.median(ratios[i]) >= 0.6 * threshold
+                          and not (len(ratios[i]) >= 2 and min(ratios[i]) >= DECIDED_FASTER * threshold)]
         if r + 1 >= min_rounds and all(_spread(ratios[i][-min_rounds:]) <= tolerance for i in live[1:]):
             break
         if len(live) == 1:

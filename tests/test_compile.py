@@ -208,7 +208,7 @@ def test_compiled_model_slower_end_to_end_is_rolled_back(monkeypatch):
     x = mlp_input(8)
     calls = []
 
-    def fake_end_to_end(fns, device, repeats=5):
+    def fake_end_to_end(fns, device, repeats=5, threshold=None):
         calls.append(fns)
         assert len(fns) == 2
         return [cost.Timed(1.0), cost.Timed(2.0, 0.5)]   # end to end: dense 1.0 ms, compiled 2.0 ms
@@ -237,7 +237,7 @@ def test_end_to_end_rollback_keeps_the_layers_that_save_the_most(monkeypatch):
     x = mlp_input(8)
     end_to_end = iter([[cost.Timed(1.0), cost.Timed(2.0, 0.5)], [cost.Timed(1.0), cost.Timed(0.9, 1 / 0.9)]])
 
-    def fake_end_to_end(fns, device, repeats=5):
+    def fake_end_to_end(fns, device, repeats=5, threshold=None):
         return next(end_to_end)
 
     def fake_layer_time(key):    # fc1 ([96, 48] weight) saves 0.9 ms, the others 0.1 ms

@@ -43,11 +43,28 @@ def test_unsteady_ratios_run_every_round_and_are_marked(monkeypatch):
 
 
 def test_a_clearly_slower_candidate_leaves_the_rounds(monkeypatch):
-    fake, calls = _scripted([[2.0, 1.0, 8.0]] + [[2.0, 1.0]] * 10)
+    fake, calls = _scripted([[2.0, 1.5, 8.0]] + [[2.0, 1.5]] * 10)
     monkeypatch.setattr(timing, "compare_ms", fake)
     _, fast, slow = compare_rounds([lambda: 0, lambda: 0, lambda: 0], CPU, threshold=1.05)
     assert calls == [3] + [2] * (timing.MIN_ROUNDS - 1), "the 0.25x candidate is dropped after round one"
-    assert slow.ratio == pytest.approx(0.25) and slow.stable and fast.ratio == pytest.approx(2.0)
+    assert slow.ratio == pytest.approx(0.25) and slow.stable and fast.ratio == pytest.approx(4 / 3)
+
+
+def test_a_clearly_faster_candidate_leaves_after_two_rounds(monkeypatch):
+    # 2.0x against a 1.05 threshold (>= 1.75x) in both rounds: decided; the 1.3x one stays for the steady rounds
+    fake, calls = _scripted([[2.0, 1.0, 1.54]] * 2 + [[2.0, 1.54]] * 10)
+    monkeypatch.setattr(timing, "compare_ms", fake)
+    _, clear, close = compare_rounds([lambda: 0, lambda: 0, lambda: 0], CPU, threshold=1.05)
+    assert calls == [3, 3] + [2] * (timing.MIN_ROUNDS - 2)
+    assert clear.stable and clear.ratio == pytest.approx(2.0) and close.ratio == pytest.approx(2 / 1.54)
+
+
+def test_a_fast_first_round_alone_decides_nothing(monkeypatch):
+    # 3x, then 1.1x: one fast round is not two; the candidate stays and its spread marks it unsteady
+    fake, calls = _scripted([[3.0, 1.0]] + [[1.1, 1.0], [3.0, 1.0]] * 10)
+    monkeypatch.setattr(timing, "compare_ms", fake)
+    _, cand = compare_rounds([lambda: 0, lambda: 0], CPU, threshold=1.0)
+    assert len(calls) == timing.MAX_ROUNDS and not cand.stable
 
 
 def test_a_function_that_raises_is_reported_not_timed(monkeypatch):
@@ -157,7 +174,7 @@ def test_long_calls_get_fewer_calls_a_round_but_never_under_the_minimum(monkeypa
     monkeypatch.setattr(timing, "compare_ms", compare_ms)
     slow = lambda: _time.sleep(timing.ROUND_BUDGET_MS / 1e3)  # noqa: E731 - one call spends the round
     compare_rounds([slow, lambda: 0], CPU, repeats=5)
-    assert seen[0] == (timing.MIN_CALLS, 2) and all(s == (timing.MIN_CALLS, 1) for s in seen[1:])
+    assert all(s == (timing.MIN_CALLS, 1) for s in seen), "one warm-up a round: each function already ran twice"
     seen.clear()
     compare_rounds([lambda: 0, lambda: 0], CPU, repeats=5)
     assert seen[0][0] == 5, "short calls keep the requested repeats"
