@@ -10,13 +10,18 @@ dtype) and where it stores (feature-major y^T [N, M] or token-major y [M, N]). W
 - threads over output rows, each thread a contiguous run of rows with about nnz / threads nonzeros
   (a binary search on the row pointers), token tiles outermost so the x^T slice of a tile stays in
   cache while the rows stream through;
-- wide batches (K > KB = 512 and at least two full tiles): the full tiles go K block by K block, each
-  row's running sums kept in a per-thread buffer, so the x^T rows a block reads stay in cache;
+- a row does a group of full tiles (as many as fit 512 KB of packed x, at most 4) before the next
+  row, so its nonzeros come from memory once per group, not once per tile;
+- wide inputs and batches (by default K >= 2048 and 512 tokens or more, where it was measured to
+  pay): the full tiles go K block by K block (KB = 512), each row's running sums kept in a
+  per-thread buffer, so the x^T rows a block reads stay in cache;
 - the tail of the tokens in tiles of 2 and 1 vectors, then scalar; one token (M == 1) is a sparse
   dot product per row;
 - the epilogue on the finished tile: + bias (the accumulator's start), activation, + residual
   (token-major [M, N]), rounded once to the output type at the store; a token-major store gathers
-  RB rows' tiles in a small buffer first, so each token receives RB adjacent values, not a scatter.
+  RB = VW rows' activated tiles in a small buffer and transposes them VW x VW in registers, so each
+  token receives RB adjacent values and its residual is read as one vector (strided scalar stores
+  and residual reads were a third of a 90% layer's time at 768 -> 3072 and 2048 tokens).
 
 `source(...)` returns the C text; codegen/cpu_build.py builds and caches it. Bump TEMPLATE_VERSION
 when the generated code changes: it is part of every generated kernel's cost-cache key.
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 from .cpu_vector import ACTIVATIONS as _ACTIVATIONS, ELEMENT as _ELEMENT, HEADER as _HEADER, OUT as _OUT
 
-TEMPLATE_VERSION = "cpu-csr-10"
+TEMPLATE_VERSION = "cpu-csr-11"
 
 _TYPES = {"float32": "f32", "bfloat16": "bf16"}                 # inputs (x, values, bias, residual)
 _OUT_TYPES = {**_TYPES, "float16": "f16"}                        # outputs: also a cast to fp16
@@ -37,31 +42,71 @@ _BODY = r"""
 #define OUT_ROW {out_row}
 #define PD 4           /* x prefetch distance in nonzeros: 2-4 measured best, 8 worse */
 #define WPD 128        /* weight prefetch distance in nonzeros, one request per 16 (a cache line of col) */
-#define RB 16          /* token-major stores: rows gathered per block, so a token gets RB adjacent values */
+#define HAS_RES {has_res}
+#define RB VW          /* token-major stores: rows per block, a VW x VW block transposed in registers */
 static inline vf act_(vf v) {{ {act} }}
-
-/* the epilogue of `cnt` tokens from m0 of row n, their sums in acc[] (room for a whole number of
-   vectors): the activation, the residual, stored to dst[t * stride] */
-static inline void finish(int n, int64_t m0, int cnt, float* acc, const tin* res, tout* dst, int stride) {{
-  for (int i = 0; i < cnt; i += VW) {{
-    vf v; memcpy(&v, acc + i, sizeof v); v = act_(v); memcpy(acc + i, &v, sizeof v);
-  }}
+static inline vf vload(const float* p) {{ vf v; memcpy(&v, p, sizeof v); return v; }}
+static inline vf vload_in(const tin* p) {{ float f[VW]; for (int l = 0; l < VW; l++) f[l] = in_(p[l]); return vload(f); }}
+static inline void vstore_out(tout* p, vf v) {{ float f[VW]; memcpy(f, &v, sizeof f); for (int l = 0; l < VW; l++) p[l] = out_(f[l]); }}
+/* the activation of `cnt` sums (a whole number of vectors' room) from a to out */
+static inline void acts(const float* a, float* out, int cnt) {{
+  for (int i = 0; i < cnt; i += VW) {{ vf v = act_(vload(a + i)); memcpy(out + i, &v, sizeof v); }}
+}}
+{transpose}
+/* feature-major store: row n's cnt activated sums from token m0 (a), + the residual (token-major:
+   read across its rows), to dst */
+static inline void store_fm(int n, int64_t m0, int cnt, const float* a, const tin* res, tout* dst) {{
+  (void)n; (void)m0; (void)res;
   #pragma omp simd
   for (int t = 0; t < cnt; t++) {{
-    float v = acc[t];
-    {residual}
-    dst[t * stride] = out_(v);
+    float v = a[t];
+#if HAS_RES
+    v += in_(res[(m0 + t) * N_OUT + n]);
+#endif
+    dst[t] = out_(v);
   }}
+}}
+/* token-major store of the rows n0 .. n0 + nr, their cnt activated sums from token m0 in fb (row j
+   at fb + j * MT): each token's nr values + its residual, adjacent in y. Whole VW x VW blocks go
+   through a register transpose (a strided scalar store per value cost as much as the product of a
+   90% layer's nonzeros at 768 -> 3072); the rest value by value. */
+static inline void store_tm(int n0, int nr, int64_t m0, int cnt, const float* fb, const tin* res, tout* y) {{
+  int t0 = 0;
+  (void)res;
+  if (nr == RB)
+    for (; t0 + VW <= cnt; t0 += VW) {{
+      vf r[VW];
+      for (int j = 0; j < VW; j++) r[j] = vload(fb + j * MT + t0);
+      transpose(r);
+      for (int t = 0; t < VW; t++) {{
+        int64_t o = (m0 + t0 + t) * N_OUT + n0;
+        vf v = r[t];
+#if HAS_RES
+        v += vload_in(res + o);
+#endif
+        vstore_out(y + o, v);
+      }}
+    }}
+  for (; t0 < cnt; t0++)
+    for (int j = 0; j < nr; j++) {{
+      int64_t o = (m0 + t0) * N_OUT + n0 + j;
+      float v = fb[j * MT + t0];
+#if HAS_RES
+      v += in_(res[o]);
+#endif
+      y[o] = out_(v);
+    }}
 }}
 
 /* one token's values of the rows n0 .. n0 + cnt (cnt <= MT), in s[]: the epilogue, stored to dst */
 static inline void finish1(int n0, int cnt, float* s, const tin* res, tout* dst) {{
-  for (int i = 0; i < cnt; i += VW) {{
-    vf v; memcpy(&v, s + i, sizeof v); v = act_(v); memcpy(s + i, &v, sizeof v);
-  }}
+  (void)res; (void)n0;
+  acts(s, s, cnt);
   for (int j = 0; j < cnt; j++) {{
     float v = s[j];
-    {residual1}
+#if HAS_RES
+    v += in_(res[n0 + j]);
+#endif
     dst[j] = out_(v);
   }}
 }}
@@ -87,7 +132,7 @@ static inline int tile_width(int64_t m0, int64_t M) {{
    without keeping it in the outer caches (it is read once per tile; x's tile is what must stay). */
 #define TILE(W) \
 static inline void tile##W(int n, int cnt, const int32_t* rp, const int32_t* col, const tin* val, \
-                           const float* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{ \
+                           const float* xt, float b, float* out, int32_t plim) {{ \
   vf acc[W]; \
   for (int i = 0; i < W; i++) acc[i] = (vf){{0}} + b; \
   int32_t p = rp[n], pe = rp[n + 1], pm = pe < plim ? pe : plim; \
@@ -98,24 +143,23 @@ static inline void tile##W(int n, int cnt, const int32_t* rp, const int32_t* col
     STEP(W) \
   }} \
   for (; p < pe; p++) STEP(W) \
-  float out[W * VW]; memcpy(out, acc, sizeof out); \
-  finish(n, m0, W * VW, out, res, dst, stride); \
+  for (int i = 0; i < W; i++) {{ vf v = act_(acc[i]); memcpy(out + VW * i, &v, sizeof v); }} \
 }}
 TILE(NV)
 TILE(2)
 TILE(1)
 
 static inline void tileS(int n, int cnt, const int32_t* rp, const int32_t* col, const tin* val,
-                         const float* xt, float b, const tin* res, int64_t m0, tout* dst, int stride, int32_t plim) {{
+                         const float* xt, float b, float* out, int32_t plim) {{
   float acc[VW];
   (void)plim;
-  for (int t = 0; t < cnt; t++) acc[t] = b;
+  for (int t = 0; t < VW; t++) acc[t] = b;
   for (int32_t p = rp[n]; p < rp[n + 1]; p++) {{
     float w = in_(val[p]);
     const float* xr = xt + (int64_t)col[p] * cnt;
     for (int t = 0; t < cnt; t++) acc[t] += w * xr[t];
   }}
-  finish(n, m0, cnt, acc, res, dst, stride);
+  acts(acc, out, VW);
 }}
 
 static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose start is >= target */
@@ -125,19 +169,26 @@ static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose sta
 }}
 
 /* x (feature-major [K, M], or token-major [M, K] with IN_ROW) -> the packed tiles in xs, inside the
-   parallel region; threads split K. Token-major input moves in 16 x 16 blocks, so both sides of a
-   block stay in cache (torch's x.t().contiguous() runs at ~2.5 GB/s here, which would cost more
+   parallel region; threads split K. Token-major input moves in VW x VW blocks (a register transpose
+   where the block is whole), so both sides of a block stay in cache (torch's x.t().contiguous() runs at ~2.5 GB/s here, which would cost more
    than the sparse product of a 90% layer). */
 static void pack_in(const tin* x, float* xs, int64_t M) {{
   #pragma omp for schedule(static)
-  for (int k0 = 0; k0 < K_IN; k0 += 16) {{
-    int kn = K_IN - k0 < 16 ? K_IN - k0 : 16;
+  for (int k0 = 0; k0 < K_IN; k0 += VW) {{
+    int kn = K_IN - k0 < VW ? K_IN - k0 : VW;
     for (int64_t m0 = 0; m0 < M;) {{
       int w = tile_width(m0, M);
       float* dst = xs + (int64_t)K_IN * m0;
 #if IN_ROW
-      for (int mb = 0; mb < w; mb += 16) {{
-        int mn = w - mb < 16 ? w - mb : 16;
+      for (int mb = 0; mb < w; mb += VW) {{
+        int mn = w - mb < VW ? w - mb : VW;
+        if (mn == VW && kn == VW) {{   /* a whole VW x VW block: one register transpose */
+          vf r[VW];
+          for (int m = 0; m < VW; m++) r[m] = vload_in(x + (m0 + mb + m) * K_IN + k0);
+          transpose(r);
+          for (int k = 0; k < VW; k++) memcpy(dst + (int64_t)(k0 + k) * w + mb, &r[k], sizeof(vf));
+          continue;
+        }}
         for (int k = k0; k < k0 + kn; k++)
           for (int m = 0; m < mn; m++) dst[(int64_t)k * w + mb + m] = in_(x[(m0 + mb + m) * K_IN + k]);
       }}
@@ -153,13 +204,22 @@ static void pack_in(const tin* x, float* xs, int64_t M) {{
 /* K-blocked full tiles: the x^T rows of one K block (KB x MT floats, 128 KB) stay in L2 while every
    row of the thread adds its nonzeros of that block to its running sums (yacc, streamed in order);
    cur[] is each row's position in its (column-sorted) nonzeros. Then the epilogue and the stores
-   through ROWS, with FROM_YACC as its tile function. */
+   through ROWS, with FROM_YACC (the finished sums) as its tile function. */
+/* Where it pays, measured with the weights cold as a model's layers find them (benchmarks/
+   bench_csr_kblock.py, results/cpu-x86_64-2t-csr-kblock.md), KB 512 against none on BERT-base
+   shapes: 0.80-0.86x at 128 tokens; at 512 and 2048 tokens 0.96-0.99x with K = 768, 1.05-1.13x
+   with K = 3072. So by default only K >= 2048 at 512 tokens or more; `source(kb=...)` builds a
+   block size for every K > KB and two full tiles or more (what the benchmark compares). */
 #ifndef KB
-#define KB 512   /* against none on BERT-base shapes at M 128-2048: 1.02-1.15x (benchmarks/bench_csr_kblock.py); 32-64 were slower */
+#define KB 512
+#define KB_MIN_K 2048
+#define KB_MIN_M (8 * MT)
 #endif
+#ifndef KB_MIN_K
+#define KB_MIN_K (KB + 1)
 #define KB_MIN_M (2 * MT)
-#define FROM_YACC(n, CNT, rp, col, val, xt, b, res, m0, dst, stride, plim) \
-  finish(n, m0, CNT, yacc + (int64_t)((n) - r0) * MT, res, dst, stride)
+#endif
+#define FROM_YACC(n, CNT, rp, col, val, xt, b, out, plim) acts(yacc + (int64_t)((n) - r0) * MT, out, CNT)
 #define KROWS \
   for (int n = r0; n < r1; n++) {{ cur[n - r0] = rp[n]; float b = BIAS(n); for (int t = 0; t < MT; t++) yacc[(int64_t)(n - r0) * MT + t] = b; }} \
   for (int k0 = 0; k0 < K_IN; k0 += KB) {{ \
@@ -172,20 +232,40 @@ static void pack_in(const tin* x, float* xs, int64_t M) {{
       cur[n - r0] = p; memcpy(ya, acc, sizeof acc); \
     }} \
   }} \
-  ROWS(FROM_YACC, MT)
+  ROWS(FROM_YACC, MT, 1)
 
-/* the rows [r0, r1) for the `cnt` tokens of the tile at m0, with one tile function */
+/* the rows [r0, r1) for the G tiles of `cnt` tokens from m0, with one tile function (the activated
+   sums into fb), then the stores. A row (or block of rows) does its G tiles one after another, so
+   its nonzeros come from memory once for G tiles, from L1 for the others: a layer's weights do
+   not stay in the outer caches between calls (BERT-base at 90% streams 68 MB), and at 128 tokens
+   two tiles each streaming them cost twice the traffic. */
 #if OUT_ROW
-#define ROWS(TILEFN, CNT) \
+#define ROWS(TILEFN, CNT, G) \
   for (int n0 = r0; n0 < r1; n0 += RB) {{ \
     int nr = r1 - n0 < RB ? r1 - n0 : RB; \
-    for (int j = 0; j < nr; j++) TILEFN(n0 + j, CNT, rp, col, val, xt, BIAS(n0 + j), res, m0, buf + j, RB, plim); \
-    for (int t = 0; t < (CNT); t++) memcpy(y + (m0 + t) * N_OUT + n0, buf + t * RB, nr * sizeof(tout)); \
+    for (int gi = 0; gi < (G); gi++) {{ \
+      int64_t mg = m0 + (int64_t)gi * (CNT); \
+      const float* xt = scratch + K_IN * mg; \
+      for (int j = 0; j < nr; j++) TILEFN(n0 + j, CNT, rp, col, val, xt, BIAS(n0 + j), fb + j * MT, plim); \
+      store_tm(n0, nr, mg, CNT, fb, res, y); \
+    }} \
   }}
 #else
-#define ROWS(TILEFN, CNT) \
-  for (int n = r0; n < r1; n++) TILEFN(n, CNT, rp, col, val, xt, BIAS(n), res, m0, y + (int64_t)n * M + m0, 1, plim);
+#define ROWS(TILEFN, CNT, G) \
+  for (int n = r0; n < r1; n++) \
+    for (int gi = 0; gi < (G); gi++) {{ \
+      int64_t mg = m0 + (int64_t)gi * (CNT); \
+      const float* xt = scratch + K_IN * mg; \
+      TILEFN(n, CNT, rp, col, val, xt, BIAS(n), fb, plim); \
+      store_fm(n, mg, CNT, fb, res, y + (int64_t)n * M + mg); \
+    }}
 #endif
+/* full tiles per group: as many as fit XS_BUDGET of packed x (it stays in L2 while the rows pass) */
+#ifndef XS_BUDGET
+#define XS_BUDGET (512 * 1024)
+#endif
+#define TG_FIT (XS_BUDGET / (K_IN * MT * 4))
+#define TG (TG_FIT < 1 ? 1 : TG_FIT > 4 ? 4 : TG_FIT)
 #define BIAS(n) {bias_n}
 
 /* y = epilogue(W @ x^T): x feature-major [K, M], or token-major [M, K] (IN_ROW); y feature-major
@@ -214,27 +294,49 @@ void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x,
     int64_t nnz = rp[N_OUT];
     int32_t plim = (int32_t)(nnz - PD);
     int r0 = t == 0 ? 0 : row_at(rp, nnz * t / T), r1 = t == T - 1 ? N_OUT : row_at(rp, nnz * (t + 1) / T);
-    tout buf[MT * RB];
-    (void)buf;
+    float fb[RB * MT] __attribute__((aligned(64)));
     int64_t m0 = 0;
-    const float* xt;
 #if KB
-    if (K_IN > KB && M >= KB_MIN_M) {{   /* wide batches: the K-blocked pass over the full tiles */
+    if (K_IN >= KB_MIN_K && K_IN > KB && M >= KB_MIN_M) {{   /* wide batches: the K-blocked pass */
       int nr = r1 - r0;
       int32_t* cur = (int32_t*)malloc(sizeof(int32_t) * (nr > 0 ? nr : 1));
       float* yacc = (float*)aligned_alloc(64, sizeof(float) * MT * (nr > 0 ? nr : 1));
       if (cur && yacc)   /* else (no memory) the plain pass below does these tiles */
-        for (; m0 + MT <= M; m0 += MT) {{ xt = scratch + K_IN * m0; KROWS }}
+        for (; m0 + MT <= M; m0 += MT) {{ const float* xt = scratch + K_IN * m0; KROWS }}
       free(cur); free(yacc);
     }}
 #endif
-    for (; m0 + MT <= M; m0 += MT) {{ xt = scratch + K_IN * m0; ROWS(tileNV, MT) }}
-    for (; m0 + 2 * VW <= M; m0 += 2 * VW) {{ xt = scratch + K_IN * m0; ROWS(tile2, 2 * VW) }}
-    for (; m0 + VW <= M; m0 += VW) {{ xt = scratch + K_IN * m0; ROWS(tile1, VW) }}
-    if (m0 < M) {{ int rest = (int)(M - m0); xt = scratch + K_IN * m0; ROWS(tileS, rest) }}
+    while (m0 + MT <= M) {{ int g = (M - m0) / MT < TG ? (int)((M - m0) / MT) : TG; ROWS(tileNV, MT, g) m0 += (int64_t)g * MT; }}
+    for (; m0 + 2 * VW <= M; m0 += 2 * VW) {{ ROWS(tile2, 2 * VW, 1) }}
+    for (; m0 + VW <= M; m0 += VW) {{ ROWS(tile1, VW, 1) }}
+    if (m0 < M) {{ int rest = (int)(M - m0); ROWS(tileS, rest, 1) }}
   }}
 }}
 """
+
+
+def _transpose_source() -> str:
+    """C of transpose(r): r[0 .. VW) transposed in place (r[i][j] <-> r[j][i]), for each vector width:
+    at distance d = VW/2, ..., 1 the off-diagonal d x d blocks of every 2d x 2d block change places,
+    two rows at a time with two-source shuffles."""
+    out = ["/* r[0 .. VW) transposed in place: at each distance d the off-diagonal d x d blocks of every",
+           "   2d x 2d block change places (two-source shuffles, two rows at a time) */",
+           "static inline void transpose(vf* r) {"]
+    for i, vw in enumerate((16, 8, 4)):
+        out.append(f"#{'if' if i == 0 else 'elif'} VW == {vw}")
+        d = vw // 2
+        while d >= 1:
+            lo = [vw + p - d if p & d else p for p in range(vw)]
+            hi = [vw + p if p & d else p + d for p in range(vw)]
+            out.append(f"  {{ const vi lo = {{{', '.join(map(str, lo))}}}, hi = {{{', '.join(map(str, hi))}}};")
+            out.append(f"    for (int i = 0; i < VW; i++) if (!(i & {d})) {{ vf a = r[i], b = r[i + {d}]; "
+                       f"r[i] = __builtin_shuffle(a, b, lo); r[i + {d}] = __builtin_shuffle(a, b, hi); }} }}")
+            d //= 2
+    out += ["#endif", "}"]
+    return "\n".join(out) + "\n"
+
+
+_TRANSPOSE = _transpose_source()
 
 
 def kernel_name(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias: bool, has_residual: bool,
@@ -262,10 +364,9 @@ def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias
         name += f"_nv{nv}"
     if kb is not None:
         name += f"_kb{kb}"
-    residual = "v += in_(res[(m0 + t) * N_OUT + n]);" if has_residual else ""
-    residual1 = "v += in_(res[n0 + j]);" if has_residual else ""
     body = _BODY.format(n=n, k=k, in_row=int(in_row), out_row=int(out_row), act=_ACTIVATIONS[activation],
-                        residual=residual, residual1=residual1, name=name, bias_n="in_(bias[n])" if has_bias else "0.f")
+                        has_res=int(has_residual), transpose=_TRANSPOSE, name=name,
+                        bias_n="in_(bias[n])" if has_bias else "0.f")
     text = (f"/* sparsify generated kernel {name} (template {TEMPLATE_VERSION}) */\n"
             + (f"#define NV {nv}\n" if nv is not None else "") + (f"#define KB {kb}\n" if kb is not None else "")
             + _HEADER

@@ -67,12 +67,37 @@ def test_token_counts_and_odd_shapes(m, dtype, layout, gen):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_wide_batches_go_k_block_by_k_block(dtype, layout, gen):
-    """K > 512 and M >= two full tiles: the K-blocked pass (three blocks, the last partial), then the
-    tail tiles, with every epilogue term and the special rows."""
+def test_wide_batches_go_k_block_by_k_block(dtype, layout, gen, monkeypatch):
+    """Built with KB 512 (off by default), K > 512 and M >= two full tiles: the K-blocked pass (three
+    blocks, the last partial), then the tail tiles, with every epilogue term and the special rows."""
+    source = csr_cpu.cpu_csr_source.source
+    monkeypatch.setattr(csr_cpu.cpu_csr_source, "source", lambda *a, **kw: source(*a, **kw, kb=512))
+    monkeypatch.setattr(csr_cpu, "_FUNCS", {})
+    assert "#define KB 512" in csr_cpu.cpu_csr_source.source(5, 5, "float32", "float32", "none", False, False,
+                                                             True, True)[0]
     n, k, m = 37, 1100, 203
     w = _weight(n, k, 0.85, gen)
     _run(randn(m, k, generator=gen), w, dtype, layout, randn(n, generator=gen), randn(m, n, generator=gen), "gelu")
+
+
+@pytest.mark.parametrize("layout", ["row", "feature_to_row"])
+def test_the_default_build_goes_k_block_by_k_block_where_k_and_m_are_wide(layout, gen):
+    """The default build's K-blocked pass: K >= 2048 (five blocks, the last partial) and 512 tokens
+    or more (eight full tiles, then the tails)."""
+    n, k, m = 29, 2100, 8 * 64 + 19
+    w = _weight(n, k, 0.9, gen)
+    _run(randn(m, k, generator=gen), w, torch.float32, layout, randn(n, generator=gen), randn(m, n, generator=gen),
+         "relu")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_full_tiles_in_groups_and_a_last_smaller_group(layout, gen):
+    """Five full tiles of a narrow layer go as a group of four and a group of one (rows pass over
+    each group's tiles in turn), then the tails; every epilogue term and the special rows."""
+    n, k, m = 37, 200, 5 * 64 + 19
+    w = _weight(n, k, 0.8, gen)
+    _run(randn(m, k, generator=gen), w, torch.float32, layout, randn(n, generator=gen), randn(m, n, generator=gen),
+         "silu")
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
