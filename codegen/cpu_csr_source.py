@@ -68,8 +68,8 @@ static inline void store_fm(int n, int64_t m0, int cnt, const float* a, const ti
 }}
 /* token-major store of the rows n0 .. n0 + nr, their cnt activated sums from token m0 in fb (row j
    at fb + j * MT): each token's nr values + its residual, adjacent in y. Whole VW x VW blocks go
-   through a register transpose (a strided scalar store per value cost as much as the product of a
-   90% layer's nonzeros at 768 -> 3072); the rest value by value. */
+   through a register transpose (strided scalar stores were a third of a 90% layer's time at
+   768 -> 3072); the rest value by value. */
 static inline void store_tm(int n0, int nr, int64_t m0, int cnt, const float* fb, const tin* res, tout* y) {{
   int t0 = 0;
   (void)res;
@@ -169,9 +169,10 @@ static int row_at(const int32_t* rp, int64_t target) {{   /* first row whose sta
 }}
 
 /* x (feature-major [K, M], or token-major [M, K] with IN_ROW) -> the packed tiles in xs, inside the
-   parallel region; threads split K. Token-major input moves in VW x VW blocks (a register transpose
-   where the block is whole), so both sides of a block stay in cache (torch's x.t().contiguous() runs at ~2.5 GB/s here, which would cost more
-   than the sparse product of a 90% layer). */
+   parallel region; threads split K. Token-major input moves in VW x VW blocks (a register
+   transpose where the block is whole), so both sides of a block stay in cache (torch's
+   x.t().contiguous() runs at ~2.5 GB/s here, which would cost more than the sparse product of a
+   90% layer). */
 static void pack_in(const tin* x, float* xs, int64_t M) {{
   #pragma omp for schedule(static)
   for (int k0 = 0; k0 < K_IN; k0 += VW) {{

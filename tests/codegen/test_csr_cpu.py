@@ -68,7 +68,7 @@ def test_token_counts_and_odd_shapes(m, dtype, layout, gen):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_wide_batches_go_k_block_by_k_block(dtype, layout, gen, monkeypatch):
-    """Built with KB 512 (off by default), K > 512 and M >= two full tiles: the K-blocked pass (three
+    """Built with KB 512 explicitly (the default blocks only K >= 2048), K > 512 and M >= two full tiles: the K-blocked pass (three
     blocks, the last partial), then the tail tiles, with every epilogue term and the special rows."""
     source = csr_cpu.cpu_csr_source.source
     monkeypatch.setattr(csr_cpu.cpu_csr_source, "source", lambda *a, **kw: source(*a, **kw, kb=512))
