@@ -85,13 +85,15 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
                  k_in: int, layout: str = "row", bias: Optional[torch.Tensor] = None,
                  residual: Optional[torch.Tensor] = None, activation: str = "none",
                  out_dtype: Optional[torch.dtype] = None, out: Optional[torch.Tensor] = None, *,
-                 impl: str = "auto", check_indices: Optional[bool] = None) -> torch.Tensor:
+                 impl: str = "auto", check_indices: Optional[bool] = None, engine=None) -> torch.Tensor:
     """y = epilogue(x @ W^T), W = CSR(crow, col, values) [n_out, k_in]; layouts as csr_linear's.
 
     impl: "generated" (the generated kernel; what "auto" runs) or "reference" (csr_linear's dense
-    reference). `out`, if given, is written and returned."""
+    reference). `out`, if given, is written and returned. engine: what runs the product
+    (`CSR_ENGINE`, the generated CSR kernel, by default; csr_jit_cpu.py passes its emitted program)."""
+    engine = engine or CSR_ENGINE
     if impl == "auto" and out is None and isinstance(x, torch.Tensor):
-        y = _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype)
+        y = _fast_call(engine, x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype)
         if y is not None:
             return y
     requested_out_dtype = out_dtype   # the fast path's key: what the next call will pass
@@ -123,14 +125,15 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
     y = out if out is not None else torch.empty(out_shape, dtype=out_dtype)
     if m == 0 or n_out == 0:
         return y
-    fn = kernel_for(n_out, k_in, x.dtype, out_dtype, activation, bias is not None, residual is not None,
-                    not x_feature, not y_feature)
+    fn = engine.bind(n_out, k_in, x.dtype, out_dtype, activation, bias is not None, residual is not None,
+                     not x_feature, not y_feature, crow, col, values)
     if check_indices is not False:
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
-        key = _key(x, n_out, k_in, layout, bias, residual, activation, requested_out_dtype, crow, col, values)
+        key = _key(engine, x, n_out, k_in, layout, bias, residual, activation, requested_out_dtype, crow, col,
+                   values)
         _CHECKED[key] = _Checked((crow, col, values, bias), fn)
-    return _launch(fn, x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
+    return fn(x, n_out, k_in, m, not x_feature, bias, residual, y)
 
 
 def _reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype, out, check_indices):
@@ -151,15 +154,16 @@ def _reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activa
     return out.copy_(y) if out is not None else y
 
 
-def _key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values) -> tuple:
-    return (id(crow), id(col), id(values), id(bias), n_out, k_in, layout, activation, out_dtype, x.dtype,
-            None if residual is None else residual.dtype)
+def _key(engine, x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values) -> tuple:
+    return (engine.name, id(crow), id(col), id(values), id(bias), n_out, k_in, layout, activation, out_dtype,
+            x.dtype, None if residual is None else residual.dtype)
 
 
-def _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype):
+def _fast_call(engine, x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype):
     """The kernel, if these weight-side arguments were checked before; None sends the call through
     the full checks. What changes per call (x's device and shape, the residual's) is checked here."""
-    hit = _CHECKED.get(_key(x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col, values))
+    hit = _CHECKED.get(_key(engine, x, n_out, k_in, layout, bias, residual, activation, out_dtype, crow, col,
+                            values))
     if hit is None or x.device.type != "cpu" or not hit.holds((crow, col, values, bias)):
         return None
     x_feature, y_feature = layout_ends(layout)
@@ -172,7 +176,7 @@ def _fast_call(x, crow, col, values, n_out, k_in, layout, bias, residual, activa
                                             or (not x_feature and tuple(residual.shape) != lead + (n_out,)))):
         return None
     y = torch.empty(shape, dtype=out_dtype or x.dtype)
-    return _launch(hit.fn, x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
+    return hit.fn(x, n_out, k_in, m, not x_feature, bias, residual, y)
 
 
 def _shapes(x, x_feature: bool, y_feature: bool, k_in: int, n_out: int):
@@ -182,16 +186,39 @@ def _shapes(x, x_feature: bool, y_feature: bool, k_in: int, n_out: int):
     return m, lead, (n_out, m) if y_feature else lead + (n_out,)
 
 
-def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
+def kernel_inputs(x, n_out, k_in, m, row, bias, residual):
+    """(x, bias, residual) as a kernel reads them: contiguous, in x's dtype, x [m, k] or [k, m]."""
     xc = x.reshape(m, k_in).contiguous() if row else x.contiguous()
-    # the kernel packs x into token tiles here (one token needs none)
-    scratch = torch.empty(k_in * m, dtype=torch.float32) if m > 1 else None   # fp32 tiles, any x dtype
     b = bias.to(x.dtype).contiguous() if bias is not None else None
     r = residual.reshape(m, n_out).to(x.dtype).contiguous() if residual is not None else None
-    fn(crow.data_ptr(), col.data_ptr(), values.data_ptr(), xc.data_ptr(), b.data_ptr() if b is not None else None,
-       r.data_ptr() if r is not None else None, y.data_ptr(), m, torch.get_num_threads(),
-       scratch.data_ptr() if scratch is not None else None)
+    return xc, b, r
+
+
+def ptr(t: Optional[torch.Tensor]):
+    return t.data_ptr() if t is not None else None
+
+
+def _launch(fn, crow, col, values, x, n_out, k_in, m, row, bias, residual, y):
+    xc, b, r = kernel_inputs(x, n_out, k_in, m, row, bias, residual)
+    # the kernel packs x into token tiles here (one token needs none)
+    scratch = torch.empty(k_in * m, dtype=torch.float32) if m > 1 else None   # fp32 tiles, any x dtype
+    fn(crow.data_ptr(), col.data_ptr(), values.data_ptr(), xc.data_ptr(), ptr(b), ptr(r), y.data_ptr(), m,
+       torch.get_num_threads(), ptr(scratch))
     return y
+
+
+class _CsrEngine:
+    """The generated CSR kernel (cpu_csr_source.py): reads the weight's arrays at run time."""
+
+    name = "csr"
+
+    def bind(self, n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row, crow, col, values):
+        """The call y = fn(x, n_out, k_in, m, row, bias, residual, y) of this variant and weight."""
+        fn = kernel_for(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
+        return functools.partial(_launch, fn, crow, col, values)
+
+
+CSR_ENGINE = _CsrEngine()
 
 
 csr_cpu_generated = functools.partial(csr_cpu_host, impl="generated")

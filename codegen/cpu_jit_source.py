@@ -1,0 +1,155 @@
+"""The C driver of an emitted sparse program (cpu_x86_emit.py): packs x into 16-token tiles, runs the
+program's segments on the threads and applies the fused epilogue to each finished tile.
+
+A variant is specialised like the CSR template's (cpu_csr_source.py): the layer's N and K, element
+types, activation, bias, residual, where x arrives and where y goes. What it does:
+
+- x (token-major [M, K] or feature-major [K, M]) -> tiles [T][K][16] fp32, the last zero-padded
+  (token-major blocks of 16 x 16 through the register transpose), threads splitting the work;
+- the work items are (segment, tile) pairs, segment-major, statically scheduled: with as many
+  segments as threads, each thread runs one segment's code over every tile, so the code a core
+  streams is its own part of the layer;
+- after a segment's tile: + bias, activation, then the stores of cpu_stores.py (+ residual, rounded
+  once to the output type): feature-major per row, token-major through the VW x VW transpose.
+
+It needs VW == 16 (AVX-512): the emitted code is AVX-512 and its tile is one zmm of tokens.
+`source(...)` returns the C text; bump TEMPLATE_VERSION when the generated code changes.
+"""
+from __future__ import annotations
+
+from .cpu_csr_source import kernel_name as _csr_kernel_name
+from .cpu_stores import STORES as _STORES
+from .cpu_vector import ACTIVATIONS as _ACTIVATIONS, ELEMENT as _ELEMENT, HEADER as _HEADER, OUT as _OUT
+
+TEMPLATE_VERSION = "cpu-jit-driver-2"
+_TYPES = {"float32": "f32", "bfloat16": "bf16"}
+_OUT_TYPES = {**_TYPES, "float16": "f16"}
+
+_BODY = r"""
+#if VW != 16
+#error "emitted sparse programs are AVX-512: the driver needs 16-lane vectors"
+#endif
+#define N_OUT {n}
+#define K_IN {k}
+#define IN_ROW {in_row}
+#define OUT_ROW {out_row}
+#define HAS_RES {has_res}
+#define RB VW
+#define BIAS(n) {bias_n}
+static inline vf act_(vf v) {{ {act} }}
+{stores}
+typedef void (*segment_fn)(const float* x_tile, const float* values, float* out, int64_t ntiles);
+
+/* x -> the tiles [T][K][16] in xs (tokens past M are zeros, so the program reads whole vectors) */
+static void pack16(const tin* x, float* xs, int64_t M, int64_t T) {{
+  const int64_t kblocks = (K_IN + VW - 1) / VW;
+  #pragma omp for schedule(static)
+  for (int64_t i = 0; i < T * kblocks; i++) {{
+    int64_t t = i / kblocks, m0 = t * VW;
+    int k0 = (int)(i % kblocks) * VW, kn = K_IN - k0 < VW ? K_IN - k0 : VW;
+    int mn = M - m0 < VW ? (int)(M - m0) : VW;
+    float* dst = xs + (int64_t)t * K_IN * VW;
+#if IN_ROW
+    if (mn == VW && kn == VW) {{
+      vf r[VW];
+      for (int m = 0; m < VW; m++) r[m] = vload_in(x + (m0 + m) * K_IN + k0);
+      transpose(r);
+      for (int kk = 0; kk < VW; kk++) memcpy(dst + (int64_t)(k0 + kk) * VW, &r[kk], sizeof(vf));
+      continue;
+    }}
+    for (int kk = 0; kk < kn; kk++)
+      for (int m = 0; m < VW; m++)
+        dst[(int64_t)(k0 + kk) * VW + m] = m < mn ? in_(x[(m0 + m) * K_IN + k0 + kk]) : 0.f;
+#else
+    if (mn == VW) {{   /* a tile's row of x^T is VW adjacent tokens: one vector */
+      for (int kk = 0; kk < kn; kk++) {{
+        vf v = vload_in(x + (int64_t)(k0 + kk) * M + m0);
+        memcpy(dst + (int64_t)(k0 + kk) * VW, &v, sizeof v);
+      }}
+      continue;
+    }}
+    for (int kk = 0; kk < kn; kk++)
+      for (int m = 0; m < VW; m++)
+        dst[(int64_t)(k0 + kk) * VW + m] = m < mn ? in_(x[(int64_t)(k0 + kk) * M + m0 + m]) : 0.f;
+#endif
+  }}
+}}
+
+/* Tiles per work item: a feature-major row then receives GT * 16 adjacent tokens (one 16-token
+   tile per row was 64 bytes to each of N rows far apart, +17% on 768 -> 3072 at 2048 tokens) */
+#define GT 4
+
+/* y = epilogue(W @ x^T) by the program: seg[4 s ..] = (code address, values offset, first row, end
+   row) of segment s; x and y in the layouts of IN_ROW / OUT_ROW; scratch: ceil(M / 16) * 16 * K
+   floats for the tiles. Returns 0, or 1 where a thread found no memory for its tile buffer (y is then
+   incomplete). */
+int {name}(const int64_t* seg, int nseg, const float* values, const tin* x, const tin* bias,
+            const tin* res, tout* y, int64_t M, int nthreads, float* scratch) {{
+  const int64_t T = (M + VW - 1) / VW, G = (T + GT - 1) / GT;
+  int maxrows = 1, failed = 0;
+  for (int s = 0; s < nseg; s++) if (seg[4 * s + 3] - seg[4 * s + 2] > maxrows) maxrows = (int)(seg[4 * s + 3] - seg[4 * s + 2]);
+  (void)bias;
+  #pragma omp parallel num_threads(nthreads)
+  {{
+    pack16(x, scratch, M, T);   /* ends in its omp for's barrier */
+    float* buf = (float*)aligned_alloc(64, sizeof(float) * GT * VW * (size_t)maxrows);
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < (int64_t)nseg * G; i++) {{
+      if (!buf) continue;
+      const int64_t* e = seg + 4 * (i / G);
+      int64_t t0 = (i % G) * GT, m0 = t0 * VW;
+      int r0 = (int)e[2], r1 = (int)e[3], rows = r1 - r0;
+      int nt = T - t0 < GT ? (int)(T - t0) : GT, cnt = M - m0 < GT * VW ? (int)(M - m0) : GT * VW;
+      ((segment_fn)(intptr_t)e[0])(scratch + t0 * K_IN * VW, values + e[1], buf, nt);
+      /* buf: [tile][row][16] */
+      for (int g = 0; g < nt; g++)
+        for (int j = 0; j < rows; j++) {{
+          float* a = buf + ((int64_t)g * rows + j) * VW;
+          vf v = act_(vload(a) + BIAS(r0 + j));
+          memcpy(a, &v, sizeof v);
+        }}
+#if OUT_ROW
+      for (int g = 0; g < nt; g++) {{
+        int c = cnt - g * VW < VW ? cnt - g * VW : VW;
+        for (int n0 = r0; n0 < r1; n0 += RB)
+          store_tm(n0, r1 - n0 < RB ? r1 - n0 : RB, m0 + g * VW, c, buf + ((int64_t)g * rows + n0 - r0) * VW, res, y);
+      }}
+#else
+      for (int j = 0; j < rows; j++) {{
+        float a[GT * VW];
+        for (int g = 0; g < nt; g++) memcpy(a + g * VW, buf + ((int64_t)g * rows + j) * VW, sizeof(vf));
+        store_fm(r0 + j, m0, cnt, a, res, y + (int64_t)(r0 + j) * M + m0);
+      }}
+#endif
+    }}
+    if (!buf) {{
+      #pragma omp atomic write
+      failed = 1;
+    }}
+    free(buf);
+  }}
+  return failed;
+}}
+"""
+
+
+def kernel_name(*variant) -> str:
+    return "jit" + _csr_kernel_name(*variant)[3:]
+
+
+def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias: bool, has_residual: bool,
+           in_row: bool, out_row: bool) -> tuple[str, str]:
+    """(C source, function name) of the driver of a [n, k] layer's program; arguments as
+    cpu_csr_source.source's."""
+    if dtype not in _TYPES or out_dtype not in _OUT_TYPES:
+        raise ValueError(f"emitted CPU kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
+                         f"got {dtype} -> {out_dtype}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+    name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
+    body = _BODY.format(n=n, k=k, in_row=int(in_row), out_row=int(out_row), act=_ACTIVATIONS[activation],
+                        has_res=int(has_residual), stores=_STORES, name=name,
+                        bias_n="in_(bias[n])" if has_bias else "0.f")
+    text = (f"/* sparsify emitted-program driver {name} (template {TEMPLATE_VERSION}) */\n#define NV 1\n"
+            + _HEADER + _ELEMENT[_TYPES[dtype]] + _OUT[_OUT_TYPES[out_dtype]] + body)
+    return text, name
