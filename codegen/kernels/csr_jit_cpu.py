@@ -25,7 +25,7 @@ import torch
 
 from sparsify.codegen import cpu_build, cpu_exec, cpu_jit_source, cpu_x86_emit
 from sparsify.codegen.kernels._common import LAYOUTS, linear_out_like
-from sparsify.codegen.kernels.csr_cpu import csr_cpu_host, kernel_inputs, ptr
+from sparsify.codegen.kernels.csr_cpu import csr_cpu_host, kernel_inputs, ptr, scratch
 from sparsify.codegen.kernels.csr_linear import _pack, stack_csr
 from sparsify.codegen.spec import KernelSpec
 from sparsify.patterns import NM, Block, Unstructured
@@ -84,10 +84,9 @@ def program_for(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: 
 
 def _launch(fn, prog: LoadedProgram, x, n_out, k_in, m, row, bias, residual, y):
     xc, b, r = kernel_inputs(x, n_out, k_in, m, row, bias, residual)
-    tiles = -(-m // cpu_x86_emit.TILE)
-    scratch = torch.empty(tiles * cpu_x86_emit.TILE * k_in, dtype=torch.float32)
+    tiles = scratch(-(-m // cpu_x86_emit.TILE) * cpu_x86_emit.TILE * k_in)
     failed = fn(prog.table.data_ptr(), prog.segments, prog.values.data_ptr(), xc.data_ptr(), ptr(b), ptr(r),
-                y.data_ptr(), m, torch.get_num_threads(), scratch.data_ptr())
+                y.data_ptr(), m, torch.get_num_threads(), tiles.data_ptr())
     if failed:
         raise MemoryError(f"csr_jit_cpu {n_out}x{k_in}: a thread could not allocate its tile buffer")
     return y
