@@ -16,6 +16,8 @@ interleaved in one run (ratios of minima):
     sparsify-csr-fm  sparsify::csr_linear on x^T, layout "feature"     (inside a chain of sparse layers)
     sparsify-cpu  sparsify::csr_cpu_linear, token-major in and out     (the generated CPU kernel; a lone layer)
     sparsify-cpu-fm  sparsify::csr_cpu_linear, layout "feature"        (the generated kernel inside a chain)
+    sparsify-jit  sparsify::csr_jit_cpu_linear, token-major in and out (the pattern emitted as AVX-512 code)
+    sparsify-jit-fm  sparsify::csr_jit_cpu_linear, layout "feature"
     sparsify-bsr-blocks  sparsify::bsr_blocks_linear                   (block patterns: a dense product per block)
 
 bf16 (--dtypes bfloat16): dense is F.linear in bf16 (oneDNN), ours stores bf16 and accumulates in
@@ -97,6 +99,16 @@ def layer_providers(x, w_masked, b, pattern: str, block: int | None):
             H.Provider("sparsify-cpu", lambda: cpu(x, crow, col, values, n, k, bias=b), pattern, ref=ref),
             H.Provider("sparsify-cpu-fm", lambda: cpu(xt, crow, col, values, n, k, "feature", bias=b), pattern,
                        ref=ref, out=lambda y: y.t(), note="x^T given, y^T returned (inside a chain)"),
+        ]
+        from sparsify.codegen import cpu_exec
+
+        jit, why = torch.ops.sparsify.csr_jit_cpu_linear, cpu_exec.unsupported()
+        out += [
+            H.Provider("sparsify-jit", None if why else lambda: jit(x, crow, col, values, n, k, bias=b), pattern,
+                       ref=ref, status=f"skip: {why}" if why else "ok"),
+            H.Provider("sparsify-jit-fm", None if why else lambda: jit(xt, crow, col, values, n, k, "feature", bias=b),
+                       pattern, ref=ref, out=lambda y: y.t(), note="x^T given, y^T returned (inside a chain)",
+                       status=f"skip: {why}" if why else "ok"),
         ]
         if x.dtype != torch.float32:    # torch's CSR matmul and csr_linear have no bf16 CPU kernel
             return out

@@ -95,7 +95,10 @@ class Trial:
     key: the cost-cache key (kernel name and version, pattern, shapes). prepared: what the rewrite
     installs if it is chosen. substitute: parameter target -> tensor, the candidate as a change of
     weights, for the model-level error (None: only its own error is known). params: JSON-able data
-    the plan keeps (so a plan alone can be checked when it is applied again).
+    the plan keeps (so a plan alone can be checked when it is applied again). check: the kernel's
+    output against the same computation in torch, () -> (layer error, "") or (None, why it fails);
+    the chooser runs it only for a candidate it could pick (faster than dense, or forced), so a slower
+    kernel is not called at full size once more (torch's CSR at 2048 tokens: 90 ms a call).
     """
 
     candidate: Candidate
@@ -104,6 +107,7 @@ class Trial:
     prepared: Prepared | None = None
     substitute: dict | None = None
     params: dict = dataclasses.field(default_factory=dict)
+    check: Callable[[], tuple] | None = None
 
 
 @dataclasses.dataclass
@@ -242,6 +246,19 @@ def choose(site: Site, requested: Pattern, measured: Measured, lp: LayerPlan, ct
             cand.note = f"failed: {t.error}"
             continue
         cand.time_ms, cand.speedup = t.ms, t.ratio
+        faster = t.ratio >= cfg.min_speedup
+        if faster and not t.stable:
+            cand.note = (f"too noisy to decide: {t.ratio:.2f}x with the ratio varying by {100 * t.spread:.0f}% "
+                         f"from round to round (machine busy?); kept out")
+            faster = False
+        if not (faster or (cfg.force and not auto)):
+            continue
+        if trial.check is not None:   # only what could be picked: its output against torch
+            err, why = trial.check()
+            if err is None:
+                cand.note = why
+                continue
+            cand.layer_error = err
         # The budget is on the model output: with model sensitivity on, the pick below judges that;
         # without it the layer error is the (stricter) stand-in.
         if auto:
@@ -249,12 +266,7 @@ def choose(site: Site, requested: Pattern, measured: Measured, lp: LayerPlan, ct
             acceptable = cand.layer_error is None or cand.layer_error <= min(layer_cap, cfg.max_layer_error)
         else:
             acceptable = True
-        faster = t.ratio >= cfg.min_speedup
-        if faster and not t.stable:
-            cand.note = (f"too noisy to decide: {t.ratio:.2f}x with the ratio varying by {100 * t.spread:.0f}% "
-                         f"from round to round (machine busy?); kept out")
-            faster = False
-        if acceptable and (faster or (cfg.force and not auto)):
+        if acceptable:
             feasible.append(trial)
     best = _pick(feasible, auto, ctx)
     if best is None:

@@ -156,23 +156,28 @@ class WeightFamily(Family):
         trials = [Trial(Candidate(pattern, name, sparsity, note=why)) for name, why in why_not.items()]
         if not kernels:
             return trials
-        sparse_ref = view.dense(x.float(), w_sparse.float(), None if b_dev is None else b_dev.float())
+        refs = []   # the same product in torch, computed once for the candidates that get checked
+
+        def sparse_ref():
+            if not refs:
+                refs.append(view.dense(x.float(), w_sparse.float(), None if b_dev is None else b_dev.float()))
+            return refs[0]
+
         substitute = {info.weight_target: storage_weight(info, w_sparse)}
         params = {"mask_digest": mask_digest(w_sparse)}
         for k in kernels:
             try:
                 prepared = k.pack(w_sparse, pattern, info.conv_params)
             except Exception as e:  # a kernel that cannot pack is not a candidate; say why
-                prepared, why = None, f"failed: {type(e).__name__}: {str(e)[:120]}"
-            if prepared is not None:
-                err, why = checked_error(k.name, lambda: k.call(x, prepared, b_dev), sparse_ref, dense_out)
-            if prepared is None or err is None:
-                trials.append(Trial(Candidate(pattern, k.name, sparsity, note=why)))
+                trials.append(Trial(Candidate(pattern, k.name, sparsity,
+                                              note=f"failed: {type(e).__name__}: {str(e)[:120]}")))
                 continue
-            trials.append(Trial(Candidate(pattern, k.name, sparsity, layer_error=err),
+            trials.append(Trial(Candidate(pattern, k.name, sparsity),
                                 run=lambda k=k, prepared=prepared: k.call(x, prepared, b_dev, residual, epi[0], epi[2]),
                                 key=(k.name, k.version, pattern.to_dict(), *shape_key, round(sparsity, 4)),
-                                prepared=prepared, substitute=substitute, params=params))
+                                prepared=prepared, substitute=substitute, params=params,
+                                check=lambda k=k, prepared=prepared: checked_error(
+                                    k.name, lambda: k.call(x, prepared, b_dev), sparse_ref(), dense_out)))
         return trials
 
     # ---- from the plan alone -----------------------------------------------------------------
