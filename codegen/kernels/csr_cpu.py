@@ -134,7 +134,7 @@ def csr_cpu_host(x: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, values:
         key = _key(engine, x, n_out, k_in, layout, bias, residual, activation, requested_out_dtype, crow, col,
                    values)
         _CHECKED[key] = _Checked((crow, col, values, bias), fn)
-    return fn(x, n_out, k_in, m, not x_feature, bias, residual, y)
+    return fn(x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
 
 
 def _reference(x, crow, col, values, n_out, k_in, layout, bias, residual, activation, out_dtype, out, check_indices):
@@ -177,7 +177,7 @@ def _fast_call(engine, x, crow, col, values, n_out, k_in, layout, bias, residual
                                             or (not x_feature and tuple(residual.shape) != lead + (n_out,)))):
         return None
     y = torch.empty(shape, dtype=out_dtype or x.dtype)
-    return hit.fn(x, n_out, k_in, m, not x_feature, bias, residual, y)
+    return hit.fn(x, crow, col, values, n_out, k_in, m, not x_feature, bias, residual, y)
 
 
 def _shapes(x, x_feature: bool, y_feature: bool, k_in: int, n_out: int):
@@ -212,7 +212,7 @@ def scratch(floats: int) -> torch.Tensor:
     return buf
 
 
-def _launch(fn, crow, col, values, x, n_out, k_in, m, row, bias, residual, y):
+def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
     xc, b, r = kernel_inputs(x, n_out, k_in, m, row, bias, residual)
     # the kernel packs x into token tiles here (one token needs none)
     tiles = scratch(k_in * m) if m > 1 else None   # fp32 tiles, any x dtype
@@ -227,9 +227,10 @@ class _CsrEngine:
     name = "csr"
 
     def bind(self, n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row, crow, col, values):
-        """The call y = fn(x, n_out, k_in, m, row, bias, residual, y) of this variant and weight."""
+        """The call y = fn(x, crow, col, values, n_out, k_in, m, row, bias, residual, y) of this variant
+        (it holds no tensor: the checked-call cache must not keep a weight alive)."""
         fn = kernel_for(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
-        return functools.partial(_launch, fn, crow, col, values)
+        return functools.partial(_launch, fn)
 
 
 CSR_ENGINE = _CsrEngine()

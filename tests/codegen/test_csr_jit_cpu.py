@@ -181,3 +181,24 @@ def test_checks_name_the_argument(gen):
         csr_jit_cpu.csr_jit_cpu_host(x, crow, col, values, 8, 16)
     with pytest.raises(ValueError, match="x must be"):
         csr_jit_cpu.csr_jit_cpu_host(randn(3, 15, generator=gen), crow.int(), col.int(), values, 8, 16)
+
+
+@pytest.mark.parametrize("host", ["jit", "csr"])
+def test_the_kernel_caches_do_not_keep_a_weight_alive(host, gen):
+    """The checked-call cache and the program cache hold weights weakly: once the model's tensors
+    go, so do they (and the program's code and values)."""
+    import gc
+    import weakref
+
+    fn = csr_jit_cpu.csr_jit_cpu_host if host == "jit" else csr_cpu.csr_cpu_host
+    crow, col, values = _parts(_weight(40, 30, 0.7, gen), torch.float32)
+    x = randn(20, 30, generator=gen)
+    fn(x, crow, col, values, 40, 30)
+    fn(x, crow, col, values, 40, 30)                      # the checked fast path
+    refs = [weakref.ref(t) for t in (crow, col, values)]
+    programs = len(csr_jit_cpu._PROGRAMS)
+    del crow, col, values
+    gc.collect()
+    assert all(r() is None for r in refs)
+    if host == "jit":
+        assert len(csr_jit_cpu._PROGRAMS) == programs - 1
