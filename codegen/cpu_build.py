@@ -122,3 +122,15 @@ def build(source: str, name: str = "kernel") -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
         _LOADED[key] = lib
         return lib
+
+
+def function(cache: dict, key, make_source, argtypes: list, restype=None):
+    """The built C function of a kernel variant: `cache[key]`, or built from `make_source()` ->
+    (C source, function name) with these ctypes argument and result types, and kept there."""
+    fn = cache.get(key)
+    if fn is None:
+        src, name = make_source()
+        fn = getattr(build(src, name), name)
+        fn.argtypes, fn.restype = argtypes, restype
+        cache[key] = fn
+    return fn

@@ -264,6 +264,16 @@ void {name}(const int32_t* rp, const int32_t* col, const tin* val, const tin* x,
 """
 
 
+def check_variant(dtype: str, out_dtype: str, activation: str) -> None:
+    """The element types and activation a generated linear kernel (this template's or the emitted
+    program's driver) can be built for."""
+    if dtype not in _TYPES or out_dtype not in _OUT_TYPES:
+        raise ValueError(f"generated CPU kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
+                         f"got {dtype} -> {out_dtype}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+
+
 def kernel_name(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias: bool, has_residual: bool,
                 in_row: bool, out_row: bool) -> str:
     return (f"csr_{n}x{k}_{_TYPES[dtype]}_{_OUT_TYPES[out_dtype]}_{activation}"
@@ -279,11 +289,7 @@ def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias
     arrives token-major [M, k] (else feature-major x^T [k, M]); out_row: store token-major y [M, n]
     (else feature-major y^T [n, M]). The function's last argument is a float32 [k, M] scratch for the
     packed token tiles (unused for M == 1)."""
-    if dtype not in _TYPES or out_dtype not in _OUT_TYPES:
-        raise ValueError(f"generated CPU kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
-                         f"got {dtype} -> {out_dtype}")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+    check_variant(dtype, out_dtype, activation)
     name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
     if nv is not None:
         name += f"_nv{nv}"

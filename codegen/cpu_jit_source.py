@@ -17,7 +17,7 @@ It needs VW == 16 (AVX-512): the emitted code is AVX-512 and its tile is one zmm
 """
 from __future__ import annotations
 
-from .cpu_csr_source import kernel_name as _csr_kernel_name
+from .cpu_csr_source import check_variant, kernel_name as _csr_kernel_name
 from .cpu_stores import STORES as _STORES
 from .cpu_vector import ACTIVATIONS as _ACTIVATIONS, ELEMENT as _ELEMENT, HEADER as _HEADER, OUT as _OUT
 
@@ -141,11 +141,7 @@ def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias
            in_row: bool, out_row: bool) -> tuple[str, str]:
     """(C source, function name) of the driver of a [n, k] layer's program; arguments as
     cpu_csr_source.source's."""
-    if dtype not in _TYPES or out_dtype not in _OUT_TYPES:
-        raise ValueError(f"emitted CPU kernels take {sorted(_TYPES)} and store {sorted(_OUT_TYPES)}, "
-                         f"got {dtype} -> {out_dtype}")
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; known: {sorted(_ACTIVATIONS)}")
+    check_variant(dtype, out_dtype, activation)
     name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
     body = _BODY.format(n=n, k=k, in_row=int(in_row), out_row=int(out_row), act=_ACTIVATIONS[activation],
                         has_res=int(has_residual), stores=_STORES, name=name,

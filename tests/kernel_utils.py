@@ -56,3 +56,30 @@ def masked_case(spec, gen, conv_layer, linear_view, conv_view):
         x = torch.randn(3, 5, 48, generator=gen)
         view = linear_view(w, None)
     return x, pattern, view.sparse_weight(pattern, w.abs())
+
+
+def check_csr_host(host, x, w, dtype, layout, bias, residual, activation, out_dtype=None, tolerance=None):
+    """A CPU CSR host (csr_cpu's or csr_jit_cpu's) on the CSR of w against the float64 reference, in
+    a poisoned `out`, for any layout: x [..., K] as the tokens, bias [N], residual [..., N]."""
+    from sparsify.codegen.kernels import csr_cpu
+    from sparsify.codegen.kernels._common import layout_ends
+    from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
+
+    n, k = w.shape
+    crow, col, values = csr_parts(pack_csr(w))
+    crow, col, values = crow.int().contiguous(), col.int().contiguous(), values.to(dtype).contiguous()
+    lead, m = x.shape[:-1], x[..., 0].numel()
+    x_feature, y_feature = layout_ends(layout)
+    xin = x.reshape(m, k).t().contiguous().to(dtype) if x_feature else x.to(dtype)
+    out_dtype = out_dtype or dtype
+    shape = (n, m) if y_feature else ((m,) if x_feature else tuple(lead)) + (n,)
+    out = poison(torch.empty(shape, dtype=out_dtype))
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    got = host(xin, crow, col, values, n, k, layout, cast(bias), cast(residual), activation, out_dtype, out=out)
+    assert got is out
+    d = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
+    ref = csr_cpu.csr_cpu_reference(d(x), crow, col, values.double(), n, k, "row", d(bias), d(residual), activation)
+    got_rows = got.t().reshape(ref.shape) if y_feature else got.reshape(ref.shape)
+    err = rel_l2(got_rows, ref)
+    tol = (tolerance or TOLERANCE)[out_dtype]
+    assert err <= tol, f"rel_l2 {err:.3g} > {tol}"

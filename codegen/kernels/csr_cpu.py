@@ -43,16 +43,11 @@ _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 def kernel_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activation: str, has_bias: bool,
                has_residual: bool, in_row: bool, out_row: bool):
     """The generated kernel of a variant, built (or loaded from the disk cache) on first use."""
-    key = (n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
-    fn = _FUNCS.get(key)
-    if fn is None:
-        src, name = cpu_csr_source.source(n, k, _DTYPES[dtype], _OUT_DTYPES[out_dtype], activation, has_bias,
-                                          has_residual, in_row, out_row)
-        fn = getattr(cpu_build.build(src, name), name)
-        fn.argtypes = [_P, _P, _P, _P, _P, _P, _P, _I64, _I, _P]
-        fn.restype = None
-        _FUNCS[key] = fn
-    return fn
+    return cpu_build.function(
+        _FUNCS, (n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row),
+        lambda: cpu_csr_source.source(n, k, _DTYPES[dtype], _OUT_DTYPES[out_dtype], activation, has_bias,
+                                      has_residual, in_row, out_row),
+        [_P, _P, _P, _P, _P, _P, _P, _I64, _I, _P])
 
 
 class _Checked:

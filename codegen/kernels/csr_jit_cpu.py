@@ -39,16 +39,11 @@ _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 def driver_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activation: str, has_bias: bool,
                has_residual: bool, in_row: bool, out_row: bool):
-    key = (n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
-    fn = _DRIVERS.get(key)
-    if fn is None:
-        src, name = cpu_jit_source.source(n, k, _DTYPES[dtype], _OUT_DTYPES[out_dtype], activation, has_bias,
-                                          has_residual, in_row, out_row)
-        fn = getattr(cpu_build.build(src, name), name)
-        fn.argtypes = [_P, _I, _P, _P, _P, _P, _P, _I64, _I, _P]
-        fn.restype = ctypes.c_int
-        _DRIVERS[key] = fn
-    return fn
+    return cpu_build.function(
+        _DRIVERS, (n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row),
+        lambda: cpu_jit_source.source(n, k, _DTYPES[dtype], _OUT_DTYPES[out_dtype], activation, has_bias,
+                                      has_residual, in_row, out_row),
+        [_P, _I, _P, _P, _P, _P, _P, _I64, _I, _P], ctypes.c_int)
 
 
 class LoadedProgram:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_utils import TOLERANCE, poison, randn, rel_l2
+from kernel_utils import TOLERANCE, check_csr_host, randn, rel_l2
 from sparsify.codegen import cpu_build, cpu_exec, cpu_x86_emit, registry
 from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels import csr_cpu, csr_jit_cpu
-from sparsify.codegen.kernels._common import LAYOUTS, layout_ends
+from sparsify.codegen.kernels._common import LAYOUTS
 from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
 
 pytestmark = pytest.mark.skipif(cpu_build.compiler() is not None or cpu_exec.unsupported() is not None,
@@ -47,23 +47,7 @@ def _parts(w, dtype):
 
 
 def _run(x, w, dtype, layout, bias, residual, activation, out_dtype=None):
-    n, k = w.shape
-    crow, col, values = _parts(w, dtype)
-    lead, m = x.shape[:-1], x[..., 0].numel()
-    x_feature, y_feature = layout_ends(layout)
-    xin = x.reshape(m, k).t().contiguous().to(dtype) if x_feature else x.to(dtype)
-    out_dtype = out_dtype or dtype
-    shape = (n, m) if y_feature else ((m,) if x_feature else tuple(lead)) + (n,)
-    out = poison(torch.empty(shape, dtype=out_dtype))
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    got = csr_jit_cpu.csr_jit_cpu_host(xin, crow, col, values, n, k, layout, cast(bias), cast(residual), activation,
-                                       out_dtype, out=out)
-    assert got is out
-    d = lambda t: None if t is None else t.to(dtype).double()  # noqa: E731
-    ref = csr_cpu.csr_cpu_reference(d(x), crow, col, values.double(), n, k, "row", d(bias), d(residual), activation)
-    got_rows = got.t().reshape(ref.shape) if y_feature else got.reshape(ref.shape)
-    err = rel_l2(got_rows, ref)
-    assert err <= TIGHT[out_dtype], f"rel_l2 {err:.3g} > {TIGHT[out_dtype]}"
+    check_csr_host(csr_jit_cpu.csr_jit_cpu_host, x, w, dtype, layout, bias, residual, activation, out_dtype, TIGHT)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
