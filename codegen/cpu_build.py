@@ -132,5 +132,11 @@ def function(cache: dict, key, make_source, argtypes: list, restype=None):
         src, name = make_source()
         fn = getattr(build(src, name), name)
         fn.argtypes, fn.restype = argtypes, restype
+        fn.sparsify_source = src           # what sm.kernel_sources() shows
         cache[key] = fn
     return fn
+
+
+def sources(cache: dict) -> dict[str, str]:
+    """Function name -> C source of every variant `function` built into `cache` in this process."""
+    return {fn.__name__: fn.sparsify_source for fn in cache.values() if hasattr(fn, "sparsify_source")}

@@ -645,18 +645,27 @@ class SparseModule(nn.Module):
         return {k: v for state in self._state.values() for k, v in state.prepared.items()}
 
     def kernel_sources(self) -> dict[str, str]:
-        """Triton source of each kernel family the compiled graphs call, by op name."""
-        import importlib
+        """Source of each kernel the compiled graphs call, by kernel name: a Triton kernel's @jit
+        functions; a generated CPU kernel's C variants built in this process (and, for csr_jit_cpu,
+        a line per emitted program), from its module's generated_sources()."""
+        import sys
+
+        from sparsify.codegen import registry
 
         out = {}
         for part in self.parts:
             for n in part.gm.graph.nodes:
-                if n.op == "call_function" and str(n.target).startswith("sparsify."):
-                    name = str(n.target).split(".")[1]
-                    try:
-                        mod = importlib.import_module(f"sparsify.codegen.kernels.{name}")
-                    except ImportError:
-                        continue
-                    out[name] = "\n\n".join(getattr(obj, "src", "") for obj in vars(mod).values()
-                                            if type(obj).__name__ == "JITFunction")
+                spec = registry.spec_of(n.target) if n.op == "call_function" else None
+                if spec is None or spec.name in out:
+                    continue
+                impls = [spec.impl, *spec.device_impls.values()]
+                mods = {sys.modules.get(getattr(f, "__module__", None) or getattr(getattr(f, "func", None),
+                                                                                  "__module__", "")) for f in impls}
+                texts = []
+                for mod in [m for m in mods if m is not None]:
+                    texts += [obj.src for obj in vars(mod).values() if type(obj).__name__ == "JITFunction"]
+                    gen = getattr(mod, "generated_sources", None)
+                    if gen is not None:
+                        texts += [f"/* {name} */\n{src}" for name, src in gen().items()]
+                out[spec.name] = "\n\n".join(texts)
         return out

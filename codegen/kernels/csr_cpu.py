@@ -50,6 +50,11 @@ def kernel_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activ
         [_P, _P, _P, _P, _P, _P, _P, _I64, _I, _P])
 
 
+def generated_sources() -> dict[str, str]:
+    """Variant name -> C source of every kernel built in this process (sm.kernel_sources())."""
+    return cpu_build.sources(_FUNCS)
+
+
 class _Checked:
     """A call whose weight-side arguments passed every check: the same tensors, unchanged, skip them.
 

@@ -46,6 +46,18 @@ def driver_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activ
         [_P, _I, _P, _P, _P, _P, _P, _I64, _I, _P], ctypes.c_int)
 
 
+def generated_sources() -> dict[str, str]:
+    """The drivers' C sources and, per live program, what was emitted (sm.kernel_sources()); the
+    code itself is `program_for(...).code` (disassemble with objdump -D -b binary -m i386:x86-64)."""
+    out = cpu_build.sources(_DRIVERS)
+    for key, (_, prog) in list(_PROGRAMS.items()):
+        n, k = key[-2:]
+        out[f"program_{n}x{k}_{id(prog):x}"] = (
+            f"/* emitted program ({cpu_x86_emit.EMIT_VERSION}) of a {n}x{k} layer: {prog.segments} segment(s), "
+            f"{prog.code_bytes} bytes of AVX-512 code, {prog.values.numel()} nonzeros */")
+    return out
+
+
 class LoadedProgram:
     """A weight's program in executable memory: the segment table the driver reads (absolute code
     addresses), the values, and the code mapping they point into (kept alive here)."""

@@ -34,16 +34,16 @@ _P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 def kernel_for(d: int, f: int, dout: int, mode: str, act: str, dtype: torch.dtype, out_dtype: torch.dtype,
                has_bup: bool, has_bgate: bool, has_bias: bool, has_res: bool, activation: str):
-    key = (d, f, dout, mode, act, dtype, out_dtype, has_bup, has_bgate, has_bias, has_res, activation)
-    fn = _FUNCS.get(key)
-    if fn is None:
-        src, name = cpu_ffn_source.source(d, f, dout, mode, act, _DTYPES[dtype], _OUT_DTYPES[out_dtype], has_bup,
-                                          has_bgate, has_bias, has_res, activation)
-        fn = getattr(cpu_build.build(src, name), name)
-        fn.argtypes = [_P] * 11 + [_I64, _I] + [_P] * 8
-        fn.restype = None
-        _FUNCS[key] = fn
-    return fn
+    return cpu_build.function(
+        _FUNCS, (d, f, dout, mode, act, dtype, out_dtype, has_bup, has_bgate, has_bias, has_res, activation),
+        lambda: cpu_ffn_source.source(d, f, dout, mode, act, _DTYPES[dtype], _OUT_DTYPES[out_dtype], has_bup,
+                                      has_bgate, has_bias, has_res, activation),
+        [_P] * 11 + [_I64, _I] + [_P] * 8)
+
+
+def generated_sources() -> dict[str, str]:
+    """Variant name -> C source of every FFN kernel built in this process (sm.kernel_sources())."""
+    return cpu_build.sources(_FUNCS)
 
 
 def _ptr(t: Optional[torch.Tensor]):
