@@ -139,4 +139,4 @@ def function(cache: dict, key, make_source, argtypes: list, restype=None):
 
 def sources(cache: dict) -> dict[str, str]:
     """Function name -> C source of every variant `function` built into `cache` in this process."""
-    return {fn.__name__: fn.sparsify_source for fn in cache.values() if hasattr(fn, "sparsify_source")}
+    return {fn.__name__: fn.sparsify_source for fn in cache.values()}

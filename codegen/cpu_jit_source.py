@@ -17,13 +17,11 @@ It needs VW == 16 (AVX-512): the emitted code is AVX-512 and its tile is one zmm
 """
 from __future__ import annotations
 
-from .cpu_csr_source import check_variant, kernel_name as _csr_kernel_name
+from .cpu_csr_source import _OUT_TYPES, _TYPES, check_variant, kernel_name as _csr_kernel_name
 from .cpu_stores import STORES as _STORES
 from .cpu_vector import ACTIVATIONS as _ACTIVATIONS, ELEMENT as _ELEMENT, HEADER as _HEADER, OUT as _OUT
 
 TEMPLATE_VERSION = "cpu-jit-driver-2"
-_TYPES = {"float32": "f32", "bfloat16": "bf16"}
-_OUT_TYPES = {**_TYPES, "float16": "f16"}
 
 _BODY = r"""
 #if VW != 16

@@ -109,7 +109,6 @@ def _segment_body(crow: np.ndarray, col: np.ndarray, r0: int, r1: int) -> tuple[
     ordinal = np.cumsum(first) - 1
     xreg = _X0 + (ordinal & 3)
     acc = (rows - r0) % ROWS_PER_BLOCK
-    nblk = -(-(r1 - r0) // ROWS_PER_BLOCK)
     brow = np.arange(r1 - r0)                            # every row: zeroed and stored in its block
     bblk, bacc = brow // ROWS_PER_BLOCK, brow % ROWS_PER_BLOCK
     move = (v % 256 == 0) & (v > 0)                      # the value cursor moves 256 values ahead
@@ -124,7 +123,6 @@ def _segment_body(crow: np.ndarray, col: np.ndarray, r0: int, r1: int) -> tuple[
               np.frombuffer(_ADD_R8, np.uint8)[None].repeat(int(move.sum()), 0),
               _fma_bcast8(acc, xreg, (v % 256) - 128),
               _mem32(0x11, bacc, _RDX, brow * (TILE * 4))]
-    assert nblk == 0 or bblk.max() == nblk - 1
     key = np.concatenate(keys)
     lens = np.concatenate([np.full(len(k), pc.shape[1]) for k, pc in zip(keys, pieces)])
     order = np.argsort(key, kind="stable")
@@ -153,8 +151,7 @@ class Program:
 
 def emit(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int, k: int, segments: int) -> Program:
     """The program of a [n, k] CSR weight, its rows in `segments` runs of about equal nonzeros."""
-    if not 1 <= segments <= max(1, n):
-        segments = max(1, min(segments, n))
+    segments = max(1, min(segments, n))
     crow_np = crow.to(torch.int64).numpy()
     col_np = col.to(torch.int64).numpy()
     vals = values.to(torch.float32).numpy()

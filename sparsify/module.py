@@ -648,7 +648,7 @@ class SparseModule(nn.Module):
         """Source of each kernel the compiled graphs call, by kernel name: a Triton kernel's @jit
         functions; a generated CPU kernel's C variants built in this process (and, for csr_jit_cpu,
         a line per emitted program), from its module's generated_sources()."""
-        import sys
+        import inspect
 
         from sparsify.codegen import registry
 
@@ -658,11 +658,9 @@ class SparseModule(nn.Module):
                 spec = registry.spec_of(n.target) if n.op == "call_function" else None
                 if spec is None or spec.name in out:
                     continue
-                impls = [spec.impl, *spec.device_impls.values()]
-                mods = {sys.modules.get(getattr(f, "__module__", None) or getattr(getattr(f, "func", None),
-                                                                                  "__module__", "")) for f in impls}
+                mods = {inspect.getmodule(getattr(f, "func", f)) for f in (spec.impl, *spec.device_impls.values())}
                 texts = []
-                for mod in [m for m in mods if m is not None]:
+                for mod in sorted(mods - {None}, key=lambda m: m.__name__):
                     texts += [obj.src for obj in vars(mod).values() if type(obj).__name__ == "JITFunction"]
                     gen = getattr(mod, "generated_sources", None)
                     if gen is not None:

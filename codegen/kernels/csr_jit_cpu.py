@@ -25,16 +25,14 @@ import torch
 
 from sparsify.codegen import cpu_build, cpu_exec, cpu_jit_source, cpu_x86_emit
 from sparsify.codegen.kernels._common import LAYOUTS, linear_out_like
-from sparsify.codegen.kernels.csr_cpu import csr_cpu_host, kernel_inputs, ptr, scratch
+from sparsify.codegen.kernels.csr_cpu import (_DTYPES, _I, _I64, _OUT_DTYPES, _P, csr_cpu_host, kernel_inputs, ptr,
+                                              scratch)
 from sparsify.codegen.kernels.csr_linear import _pack, stack_csr
 from sparsify.codegen.spec import KernelSpec
 from sparsify.patterns import NM, Block, Unstructured
 
 KERNEL_VERSION = f"csr_jit_cpu-1+{cpu_x86_emit.EMIT_VERSION}+{cpu_jit_source.TEMPLATE_VERSION}"
-_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-_OUT_DTYPES = {**_DTYPES, torch.float16: "float16"}
 _DRIVERS: dict[tuple, ctypes._CFuncPtr] = {}
-_P, _I64, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 def driver_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activation: str, has_bias: bool,
@@ -54,7 +52,7 @@ def generated_sources() -> dict[str, str]:
         n, k = key[-2:]
         out[f"program_{n}x{k}_{id(prog):x}"] = (
             f"/* emitted program ({cpu_x86_emit.EMIT_VERSION}) of a {n}x{k} layer: {prog.segments} segment(s), "
-            f"{prog.code_bytes} bytes of AVX-512 code, {prog.values.numel()} nonzeros */")
+            f"{prog.code.size} bytes of AVX-512 code, {prog.values.numel()} nonzeros */")
     return out
 
 
@@ -68,7 +66,6 @@ class LoadedProgram:
         for s in range(table.shape[0]):
             table[s, 0] = self.code.address(int(table[s, 0]))
         self.table, self.values, self.segments = table, program.values, table.shape[0]
-        self.code_bytes = len(program.code)
 
 
 _PROGRAMS: dict[tuple, tuple] = {}   # key -> (weak refs of crow, col, values; the program)

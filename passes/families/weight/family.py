@@ -9,6 +9,7 @@ can rebuild exactly the packed weight from the plan and the model.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -156,12 +157,9 @@ class WeightFamily(Family):
         trials = [Trial(Candidate(pattern, name, sparsity, note=why)) for name, why in why_not.items()]
         if not kernels:
             return trials
-        refs = []   # the same product in torch, computed once for the candidates that get checked
-
-        def sparse_ref():
-            if not refs:
-                refs.append(view.dense(x.float(), w_sparse.float(), None if b_dev is None else b_dev.float()))
-            return refs[0]
+        # the same product in torch, computed once, for the candidates that get checked
+        sparse_ref = functools.cache(lambda: view.dense(x.float(), w_sparse.float(),
+                                                        None if b_dev is None else b_dev.float()))
 
         substitute = {info.weight_target: storage_weight(info, w_sparse)}
         params = {"mask_digest": mask_digest(w_sparse)}
