@@ -220,3 +220,20 @@ def test_a_plan_for_other_weights_is_refused():
         sparsify.compile(MLP(seed=1), (x,), cfg, plan=plan)
     with pytest.raises(ValueError, match="does not have"):
         sparsify.compile(torch.nn.Sequential(torch.nn.Linear(48, 8)), (x,), cfg, plan=plan)
+
+
+def _trial(pattern, kernel, ms, err):
+    return Trial(Candidate(pattern, kernel, 0.9, layer_error=err, time_ms=ms, speedup=10.0 / ms))
+
+
+def test_the_chooser_ranks_by_time_and_lets_only_a_patterns_error_break_a_tie():
+    from sparsify.family import _ranked
+
+    u, nm = sparsify.Unstructured(0.9), sparsify.NM(2, 4)
+    # one pattern, two kernels within the tie band: their errors differ by rounding, the faster goes first
+    first, second = _trial(u, "slower", 2.1, 1.0e-7), _trial(u, "faster", 2.0, 1.1e-7)
+    assert [t.candidate.kernel for t in _ranked([first, second])] == ["faster", "slower"]
+    # two patterns within the band: the smaller error goes first even if a little slower
+    assert [t.candidate.kernel for t in _ranked([_trial(nm, "nm", 2.0, 0.3), _trial(u, "u", 2.1, 0.01)])] == ["u", "nm"]
+    # outside the band the time alone decides
+    assert [t.candidate.kernel for t in _ranked([_trial(u, "u", 3.0, 0.01), _trial(nm, "nm", 2.0, 0.3)])] == ["nm", "u"]
