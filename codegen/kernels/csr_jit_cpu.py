@@ -41,7 +41,7 @@ def driver_for(n: int, k: int, dtype: torch.dtype, out_dtype: torch.dtype, activ
         _DRIVERS, (n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row),
         lambda: cpu_jit_source.source(n, k, _DTYPES[dtype], _OUT_DTYPES[out_dtype], activation, has_bias,
                                       has_residual, in_row, out_row),
-        [_P, _I, _P, _P, _P, _P, _P, _I64, _I, _P], ctypes.c_int)
+        [_P, _I, _P, _P, _P, _P, _P, _I64, _I, _P])
 
 
 def generated_sources() -> dict[str, str]:
@@ -66,6 +66,7 @@ class LoadedProgram:
         for s in range(table.shape[0]):
             table[s, 0] = self.code.address(int(table[s, 0]))
         self.table, self.values, self.segments = table, program.values, table.shape[0]
+        self.max_rows = max(1, int((table[:, 3] - table[:, 2]).max())) if self.segments else 1
 
 
 _PROGRAMS: dict[tuple, tuple] = {}   # key -> (weak refs of crow, col, values; the program)
@@ -89,11 +90,10 @@ def program_for(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: 
 def _launch(fn, x, crow, col, values, n_out, k_in, m, row, bias, residual, y):
     prog = program_for(crow, col, values, n_out, k_in)
     xc, b, r = kernel_inputs(x, n_out, k_in, m, row, bias, residual)
-    tiles = scratch(-(-m // cpu_x86_emit.TILE) * cpu_x86_emit.TILE * k_in)
-    failed = fn(prog.table.data_ptr(), prog.segments, prog.values.data_ptr(), xc.data_ptr(), ptr(b), ptr(r),
-                y.data_ptr(), m, torch.get_num_threads(), tiles.data_ptr())
-    if failed:
-        raise MemoryError(f"csr_jit_cpu {n_out}x{k_in}: a thread could not allocate its tile buffer")
+    threads = torch.get_num_threads()
+    work = scratch(cpu_jit_source.scratch_floats(k_in, prog.max_rows, threads))
+    fn(prog.table.data_ptr(), prog.segments, prog.values.data_ptr(), xc.data_ptr(), ptr(b), ptr(r), y.data_ptr(), m,
+       threads, work.data_ptr())
     return y
 
 
