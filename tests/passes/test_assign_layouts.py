@@ -1,8 +1,11 @@
-"""assign_layouts: chains of consecutive sparse layers run feature-major, with one transpose in and out."""
+"""assign_layouts: chains of consecutive sparse layers run feature-major, with one transpose in and
+out, where that measured faster than token-major."""
+import pytest
 import torch
 
 import sparsify
 from sparsify import Config, Unstructured, ir
+from sparsify.passes.rewrite import assign_layouts as AL
 from tests.helpers import MLP, mlp_input
 
 CSR = dict(weight=Unstructured(0.6), force=True, kernels=("csr_torch",), max_error=10.0, timing_repeats=1,
@@ -13,7 +16,13 @@ def _sparse_ops(gm):
     return [n for n in gm.graph.nodes if str(n.target).startswith("sparsify.")]
 
 
-def test_a_chain_runs_feature_major_with_one_transpose_each_side(tmp_path, monkeypatch):
+@pytest.fixture
+def handoff_faster(monkeypatch):
+    """The measured decision taken out of the tests of what a switch does: every chain switches."""
+    monkeypatch.setattr(AL, "_handoff_faster", lambda gm, chain, ctx: (True, "faster (test)"))
+
+
+def test_a_chain_runs_feature_major_with_one_transpose_each_side(tmp_path, monkeypatch, handoff_faster):
     monkeypatch.setenv("SPARSIFY_DEBUG_DIR", str(tmp_path))
     model, x = MLP(), mlp_input(7)
     sm = sparsify.compile(model, (x,), Config(**CSR))
@@ -40,7 +49,7 @@ def test_a_lone_sparse_layer_keeps_the_row_layout():
     torch.testing.assert_close(sm(x), model(x), rtol=0.5, atol=10.0)   # runs; the error is the pruning's
 
 
-def test_a_chain_on_3d_activations_with_a_residual_matches_the_row_layout():
+def test_a_chain_on_3d_activations_with_a_residual_matches_the_row_layout(handoff_faster):
     from sparsify.models import lm_inputs, tiny_lm
 
     model, x = tiny_lm(d=32, ffn=64, heads=2, layers=1, vocab=64), lm_inputs(2, 9, vocab=64)
@@ -53,7 +62,7 @@ def test_a_chain_on_3d_activations_with_a_residual_matches_the_row_layout():
     torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
 
 
-def test_a_kernel_that_transposes_itself_takes_the_chain_ends_without_copies():
+def test_a_kernel_that_transposes_itself_takes_the_chain_ends_without_copies(handoff_faster):
     """csr_cpu reads token-major x and stores token-major y on its own: the first op of a chain
     is row_to_feature, the last feature_to_row, and no transposed copy is left in the graph."""
     from sparsify.codegen import cpu_build
@@ -75,3 +84,40 @@ def test_a_kernel_that_transposes_itself_takes_the_chain_ends_without_copies():
     torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sm(lm_inputs(3, 5, vocab=64, seed=4)), row(lm_inputs(3, 5, vocab=64, seed=4)),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_chain_measured_slower_feature_major_keeps_the_row_layout(monkeypatch):
+    monkeypatch.setattr(AL, "_handoff_faster", lambda gm, chain, ctx: (False, "slower (test)"))
+    model, x = MLP(), mlp_input(7)
+    sm = sparsify.compile(model, (x,), Config(**CSR))
+    ops = _sparse_ops(sm.graph_module)
+    assert len(ops) == 3 and all(ir.op_arg(n, "layout")[1] in (None, "row") for n in ops), sm.graph_module.code
+    assert not any(n.meta.get(ir.FROM) and n.meta[ir.FROM].pass_name == "assign_layouts"
+                   for n in sm.graph_module.graph.nodes)
+    assert "slower (test)" in sm.report()
+
+
+def test_the_decision_times_the_same_computation_both_ways_and_is_reported():
+    """Both runners compute the chain's function (same output on the same inputs); the decision
+    names both times, and the graph follows it."""
+    from sparsify.models import lm_inputs, tiny_lm
+    from sparsify.pipeline import PassContext
+
+    model, x = tiny_lm(d=32, ffn=64, heads=2, layers=1, vocab=64), lm_inputs(2, 9, vocab=64)
+    cfg = Config(**{**CSR, "weight": sparsify.Dense()}, overrides={"blocks.0.fc*": Unstructured(0.6)})
+    row = sparsify.compile(model, (x,), cfg, pipeline=sparsify.Pipeline.default().remove("assign_layouts"))
+    gm = row.graph_module
+    (chain,) = AL._chains(gm)
+    assert len(chain) == 2
+    token_major, feature_major = AL._runner(gm, chain, False, torch.device("cpu")), AL._runner(gm, chain, True, torch.device("cpu"))
+    out = token_major()
+    assert out.abs().sum() > 0
+    torch.testing.assert_close(feature_major().reshape(out.shape), out, rtol=1e-5, atol=1e-5)
+    ctx = PassContext(config=cfg)
+    faster, why = AL._handoff_faster(gm, chain, ctx)
+    assert "token-major" in why and "feature-major handoff" in why and " ms" in why
+    assert ("switched" in why) == faster
+    sm = sparsify.compile(model, (x,), cfg)
+    notes = "\n".join(str(n) for s in sm._state.values() for n in s.notes if n.pass_name == "assign_layouts")
+    assert "feature-major handoff" in notes, sm.report()
+    torch.testing.assert_close(sm(x), row(x), rtol=1e-5, atol=1e-5)
