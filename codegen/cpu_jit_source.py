@@ -24,6 +24,49 @@ from .cpu_vector import ACTIVATIONS as _ACTIVATIONS, ELEMENT as _ELEMENT, HEADER
 
 TEMPLATE_VERSION = "cpu-jit-driver-3"
 
+# pack_tiles(x, dst, M, t0, nt): x's tiles into the fp32 layout the emitted code reads; needs K_IN,
+# IN_ROW, the element types and transpose() defined before it. Shared with the pair driver.
+PACK = r"""/* tiles t0 .. t0 + nt of x -> dst [nt][K][16] fp32 (tokens past M are zeros, so the program reads
+   whole vectors) */
+static void pack_tiles(const tin* x, float* dst, int64_t M, int64_t t0, int nt) {
+#if IN_ROW
+  for (int g = 0; g < nt; g++, dst += (int64_t)K_IN * VW) {
+    const int64_t m0 = (t0 + g) * VW;
+    const int mn = M - m0 < VW ? (int)(M - m0) : VW;
+    for (int k0 = 0; k0 < K_IN; k0 += VW) {
+      int kn = K_IN - k0 < VW ? K_IN - k0 : VW;
+      if (mn == VW && kn == VW) {
+        vf r[VW];
+        for (int m = 0; m < VW; m++) r[m] = vload_in(x + (m0 + m) * K_IN + k0);
+        transpose(r);
+        for (int kk = 0; kk < VW; kk++) memcpy(dst + (int64_t)(k0 + kk) * VW, &r[kk], sizeof(vf));
+        continue;
+      }
+      for (int kk = 0; kk < kn; kk++)
+        for (int m = 0; m < VW; m++)
+          dst[(int64_t)(k0 + kk) * VW + m] = m < mn ? in_(x[(m0 + m) * K_IN + k0 + kk]) : 0.f;
+    }
+  }
+#else
+  /* a row of x^T holds the group's tokens side by side: read each row's run once, for all tiles
+     (tile by tile, every tile touched K rows ~M * 4 bytes apart again) */
+  const int64_t m0 = t0 * VW;
+  const int cnt = M - m0 < (int64_t)nt * VW ? (int)(M - m0) : nt * VW;
+  for (int k = 0; k < K_IN; k++) {
+    const tin* src = x + (int64_t)k * M + m0;
+    int g = 0;
+    for (; (g + 1) * VW <= cnt; g++) {
+      vf v = vload_in(src + g * VW);
+      memcpy(dst + ((int64_t)g * K_IN + k) * VW, &v, sizeof v);
+    }
+    for (; g < nt; g++)
+      for (int m = 0; m < VW; m++)
+        dst[((int64_t)g * K_IN + k) * VW + m] = g * VW + m < cnt ? in_(src[g * VW + m]) : 0.f;
+  }
+#endif
+}
+"""
+
 _BODY = r"""
 #if VW != 16
 #error "emitted sparse programs are AVX-512: the driver needs 16-lane vectors"
@@ -39,46 +82,7 @@ static inline vf act_(vf v) {{ {act} }}
 {stores}
 typedef void (*segment_fn)(const float* x_tile, const float* values, float* out, int64_t ntiles);
 
-/* tiles t0 .. t0 + nt of x -> dst [nt][K][16] fp32 (tokens past M are zeros, so the program reads
-   whole vectors) */
-static void pack_tiles(const tin* x, float* dst, int64_t M, int64_t t0, int nt) {{
-#if IN_ROW
-  for (int g = 0; g < nt; g++, dst += (int64_t)K_IN * VW) {{
-    const int64_t m0 = (t0 + g) * VW;
-    const int mn = M - m0 < VW ? (int)(M - m0) : VW;
-    for (int k0 = 0; k0 < K_IN; k0 += VW) {{
-      int kn = K_IN - k0 < VW ? K_IN - k0 : VW;
-      if (mn == VW && kn == VW) {{
-        vf r[VW];
-        for (int m = 0; m < VW; m++) r[m] = vload_in(x + (m0 + m) * K_IN + k0);
-        transpose(r);
-        for (int kk = 0; kk < VW; kk++) memcpy(dst + (int64_t)(k0 + kk) * VW, &r[kk], sizeof(vf));
-        continue;
-      }}
-      for (int kk = 0; kk < kn; kk++)
-        for (int m = 0; m < VW; m++)
-          dst[(int64_t)(k0 + kk) * VW + m] = m < mn ? in_(x[(m0 + m) * K_IN + k0 + kk]) : 0.f;
-    }}
-  }}
-#else
-  /* a row of x^T holds the group's tokens side by side: read each row's run once, for all tiles
-     (tile by tile, every tile touched K rows ~M * 4 bytes apart again) */
-  const int64_t m0 = t0 * VW;
-  const int cnt = M - m0 < (int64_t)nt * VW ? (int)(M - m0) : nt * VW;
-  for (int k = 0; k < K_IN; k++) {{
-    const tin* src = x + (int64_t)k * M + m0;
-    int g = 0;
-    for (; (g + 1) * VW <= cnt; g++) {{
-      vf v = vload_in(src + g * VW);
-      memcpy(dst + ((int64_t)g * K_IN + k) * VW, &v, sizeof v);
-    }}
-    for (; g < nt; g++)
-      for (int m = 0; m < VW; m++)
-        dst[((int64_t)g * K_IN + k) * VW + m] = g * VW + m < cnt ? in_(src[g * VW + m]) : 0.f;
-  }}
-#endif
-}}
-
+{pack}
 /* Tiles per work item: a feature-major row then receives GT * 16 adjacent tokens (one 16-token
    tile per row was 64 bytes to each of N rows far apart, +17% on 768 -> 3072 at 2048 tokens) */
 #define GT {gt}
@@ -158,7 +162,7 @@ def source(n: int, k: int, dtype: str, out_dtype: str, activation: str, has_bias
     check_variant(dtype, out_dtype, activation)
     name = kernel_name(n, k, dtype, out_dtype, activation, has_bias, has_residual, in_row, out_row)
     body = _BODY.format(n=n, k=k, in_row=int(in_row), out_row=int(out_row), act=_ACTIVATIONS[activation],
-                        has_res=int(has_residual), stores=_STORES, name=name, gt=GROUP_TILES,
+                        has_res=int(has_residual), stores=_STORES, pack=PACK, name=name, gt=GROUP_TILES,
                         bias_n="in_(bias[n])" if has_bias else "0.f")
     text = (f"/* sparsify emitted-program driver {name} (template {TEMPLATE_VERSION}) */\n#define NV 1\n"
             + _HEADER + _ELEMENT[_TYPES[dtype]] + _OUT[_OUT_TYPES[out_dtype]] + body)

@@ -29,9 +29,10 @@ from . import runtime
 
 _LIBRARIES: dict[str, torch.library.Library] = {}   # namespace -> the fragment our ops are defined in
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
-# What a kernel replaces: a weight layer ("linear": linear / addmm / mm; "conv2d") or a whole FFN
-# block with its activation sparsity (the activation family's sites).
-REPLACES = ("linear", "conv2d", "ffn")
+# What a kernel replaces: a weight layer ("linear": linear / addmm / mm; "conv2d"), a whole FFN
+# block with its activation sparsity (the activation family's sites), or two consecutive planned
+# sparse ops ("linear_pair": never planned, made by passes/rewrite/fuse_pairs.py; see `fuses`).
+REPLACES = ("linear", "conv2d", "ffn", "linear_pair")
 
 
 def _library(namespace: str) -> torch.library.Library:
@@ -85,6 +86,10 @@ class KernelSpec:
     # ops of this kernel that read the same x can run as one whose output rows are theirs stacked
     # (passes/rewrite/stack_siblings.py): {argument: tensor} of each, in order -> the stacked arguments
     stack_rows: Callable[[list[dict]], dict] | None = None
+    # a "linear_pair" kernel: the kernel names (first, second) of two ops, the first's only use the
+    # second's x, that it runs as one; its arguments "a_<name>" are the first op's <name>, x and
+    # k_in the first's, the rest the second's (passes/rewrite/fuse_pairs.py)
+    fuses: tuple = ()
 
     def __post_init__(self):
         if self.replaces not in REPLACES:

@@ -19,5 +19,7 @@ def test_kernel_sources_show_the_generated_cpu_code(kernel, marker):
                                           max_error=10.0), progress=False)
     assert {lp.kernel for lp in sm.plan.layers.values() if lp.status != "dense"} == {kernel}
     sources = sm.kernel_sources()
-    assert list(sources) == [kernel]
-    assert marker in sources[kernel] and "256x64" in sources[kernel]
+    # the two csr_jit_cpu layers may run as one csr_jit_cpu_pair op (fuse_pairs, where measured faster)
+    (called,) = sources
+    assert called in {kernel, f"{kernel}_pair"}
+    assert marker in sources[called] and "256x64" in sources[called]

@@ -32,6 +32,8 @@ from sparsify.codegen import registry
 from sparsify.pipeline import PassContext, PassResult, register_pass
 from sparsify.timing import CostModel
 
+from ._example_calls import call_args, substitute
+
 aten = torch.ops.aten
 PASS = "assign_layouts"
 
@@ -174,26 +176,13 @@ def _layouts(chain: list[fx.Node]) -> list[str]:
 
 
 def _runner(gm: fx.GraphModule, chain: list[fx.Node], feature: bool, device: torch.device):
-    """() -> the chain's output: its ops in sequence on their weights (get_attr) and on random
-    tensors for every other input (x, residuals), token-major or as a switched chain with the copies
-    _switch would insert."""
+    """() -> the chain's output: its ops in sequence on their weights and on random tensors for every
+    other input (x, residuals), token-major or as a switched chain with the copies _switch inserts."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def value(a, prev):
-        if not isinstance(a, fx.Node):
-            return a
-        if a is prev:
-            return _PREV
-        if a.op == "get_attr":
-            return ir.fetch_attr(gm, a.target)
-        shape, dtype = ir.tensor_meta(a)
-        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-
     calls = []
     for i, n in enumerate(chain):
-        prev = chain[i - 1] if i else None
-        calls.append((n.target, [value(a, prev) for a in n.args], {k: value(v, prev) for k, v in n.kwargs.items()},
-                      ir.op_arg(n, "layout")[0]))
+        args, kwargs = call_args(gm, n, gen, device, given=chain[i - 1] if i else None)
+        calls.append((n.target, args, kwargs, ir.op_arg(n, "layout")[0]))
     layouts = _layouts(chain) if feature else ["row"] * len(chain)
     x_shape = ir.tensor_meta(ir.op_arg(chain[0], "x")[1])[0]
     m, k = math.prod(x_shape[:-1]), x_shape[-1]
@@ -202,7 +191,7 @@ def _runner(gm: fx.GraphModule, chain: list[fx.Node], feature: bool, device: tor
     def run():
         out = None
         for i, ((target, args, kwargs, layout_pos), layout) in enumerate(zip(calls, layouts)):
-            args = [out if a is _PREV else a for a in args]
+            args, kwargs = substitute(args, out), dict(kwargs)
             while len(args) <= layout_pos:
                 schema_arg = target._schema.arguments[len(args)]
                 args.append(kwargs.pop(schema_arg.name, schema_arg.default_value))
@@ -215,9 +204,6 @@ def _runner(gm: fx.GraphModule, chain: list[fx.Node], feature: bool, device: tor
         return out
 
     return run
-
-
-_PREV = object()   # an argument that is the previous op's output
 
 
 def _handoff_faster(gm: fx.GraphModule, chain: list[fx.Node], ctx: PassContext) -> tuple[bool, str]:

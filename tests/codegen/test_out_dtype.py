@@ -16,7 +16,7 @@ CONV_LAYER = {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups":
 
 def _cpu_kernels():
     for k in registry.specs().values():
-        if ("cpu" in k.devices or k.interpretable) and k.replaces != "ffn":   # FFN kernels: test_ffn_*.py
+        if ("cpu" in k.devices or k.interpretable) and k.replaces in ("linear", "conv2d"):   # FFN, pair: own tests
             yield pytest.param(k, id=k.name)
 
 
@@ -42,7 +42,7 @@ def test_out_dtype_is_the_stored_dtype_and_values_match(kernel, out_dtype):
 
 
 @pytest.mark.parametrize("kernel", [pytest.param(k, id=k.name) for k in registry.specs().values()
-                                    if k.replaces != "ffn"])
+                                    if k.replaces in ("linear", "conv2d")])
 def test_fake_impl_reports_out_dtype(kernel):
     gen = torch.Generator().manual_seed(8)
     if kernel.name == "cslt_2to4":

@@ -14,11 +14,13 @@ from sparsify.patterns import Unstructured
 from sparsify.state import Prepared
 
 EXPECTED = {"bsr_triton", "bsr_blocks", "csr_torch", "nm_triton", "cslt_2to4", "sell_triton", "bsr_conv_triton",
-            "nm_conv_triton", "csr_conv_torch", "csr_cpu", "csr_jit_cpu", "ffn_cpu", "ffn_triton"}
+            "nm_conv_triton", "csr_conv_torch", "csr_cpu", "csr_jit_cpu", "csr_jit_cpu_pair", "ffn_cpu", "ffn_triton"}
 CONV_LAYER = {"stride": (2, 1), "padding": (1, 0), "dilation": (1, 1), "groups": 1}
 SPECS = [pytest.param(s, id=name) for name, s in sorted(registry.specs().items())]
-# weight-layer kernels (an FFN kernel is packed by its family and tested in test_ffn_*.py)
-LAYER_SPECS = [pytest.param(s, id=name) for name, s in sorted(registry.specs().items()) if s.replaces != "ffn"]
+# weight-layer kernels (an FFN kernel is packed by its family and tested in test_ffn_*.py; a pair
+# kernel is made by fuse_pairs from two planned ops and tested in test_csr_jit_cpu_pair.py)
+LAYER_SPECS = [pytest.param(s, id=name) for name, s in sorted(registry.specs().items())
+               if s.replaces in ("linear", "conv2d")]
 
 
 def test_registry_finds_the_built_in_kernels():
