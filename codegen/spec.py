@@ -31,8 +31,9 @@ _LIBRARIES: dict[str, torch.library.Library] = {}   # namespace -> the fragment 
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 # What a kernel replaces: a weight layer ("linear": linear / addmm / mm; "conv2d"), a whole FFN
 # block with its activation sparsity (the activation family's sites), or two consecutive planned
-# sparse ops ("linear_pair": never planned, made by passes/rewrite/fuse_pairs.py; see `fuses`).
-REPLACES = ("linear", "conv2d", "ffn", "linear_pair")
+# sparse ops ("linear_pair": never planned, made by passes/rewrite/fuse_pairs.py; see `fuses`), or
+# torch's scaled_dot_product_attention ("attention": put in place by passes/rewrite/lower_attention.py).
+REPLACES = ("linear", "conv2d", "ffn", "linear_pair", "attention")
 
 
 def _library(namespace: str) -> torch.library.Library:
