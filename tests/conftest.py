@@ -30,3 +30,5 @@ def _no_plan_cache(monkeypatch):
     """The plan cache is off in tests (tests compile the same model with the same config under other
     fake timings): tests/test_plan_cache.py turns it on, in a folder of its own."""
     monkeypatch.setenv("SPARSIFY_PLAN_CACHE", "0")
+    # and so is the disk cache of emitted programs: every test emits what it runs (its own test turns it on)
+    monkeypatch.setenv("SPARSIFY_PROGRAM_CACHE", "0")

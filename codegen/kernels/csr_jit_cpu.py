@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from sparsify.codegen import cpu_build, cpu_exec, cpu_jit_source, cpu_x86_emit
+from sparsify.codegen import cpu_build, cpu_exec, cpu_jit_source, cpu_program_cache, cpu_x86_emit
 from sparsify.codegen.kernels._common import LAYOUTS, linear_out_like
 from sparsify.codegen.kernels.csr_cpu import (_DTYPES, _I, _I64, _OUT_DTYPES, _P, csr_cpu_host, kernel_inputs, ptr,
                                               scratch)
@@ -73,13 +73,21 @@ _PROGRAMS: dict[tuple, tuple] = {}   # key -> (weak refs of crow, col, values; t
 
 
 def program_for(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, n: int, k: int) -> LoadedProgram:
-    """The weight's program, emitted on first use with one segment per thread of this process; the
-    entry goes when the values tensor does, and a changed tensor (its version) emits again."""
+    """The weight's program, emitted on first use with one segment per thread of this process (or
+    read from the disk cache of programs, cpu_program_cache.py); the entry goes when the values
+    tensor does, and a changed tensor (its version) emits again."""
     key = (id(crow), id(col), id(values), crow._version, col._version, values._version, n, k)
     hit = _PROGRAMS.get(key)
     if hit is not None and all(ref() is t for ref, t in zip(hit[0], (crow, col, values))):
         return hit[1]
-    prog = LoadedProgram(cpu_x86_emit.emit(crow, col, values, n, k, torch.get_num_threads()))
+    segments = torch.get_num_threads()
+    name = cpu_program_cache.key(crow, col, values, n, k, segments) if cpu_program_cache.enabled() else None
+    emitted = cpu_program_cache.load(name) if name is not None else None
+    if emitted is None:
+        emitted = cpu_x86_emit.emit(crow, col, values, n, k, segments)
+        if name is not None:
+            cpu_program_cache.store(name, emitted)
+    prog = LoadedProgram(emitted)
     for stale in [kk for kk in _PROGRAMS if kk[:3] == key[:3]]:
         del _PROGRAMS[stale]
     _PROGRAMS[key] = (tuple(weakref.ref(t) for t in (crow, col, values)), prog)

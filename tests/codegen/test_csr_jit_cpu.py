@@ -186,3 +186,30 @@ def test_the_kernel_caches_do_not_keep_a_weight_alive(host, gen):
     assert all(r() is None for r in refs)
     if host == "jit":
         assert len(csr_jit_cpu._PROGRAMS) == programs - 1
+
+
+def test_a_program_is_read_back_from_the_disk_cache_for_the_same_weight(tmp_path, monkeypatch, gen):
+    from sparsify.codegen import cpu_program_cache
+
+    monkeypatch.setenv("SPARSIFY_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SPARSIFY_PROGRAM_CACHE", "1")
+    monkeypatch.delenv("SPARSIFY_NO_COST_CACHE", raising=False)
+    w = _weight(45, 70, 0.8, gen)
+    first = csr_jit_cpu.program_for(*_parts(w, torch.float32), 45, 70)
+    assert len(list(cpu_program_cache.folder().glob("*.npy"))) == 1
+
+    def no_emission(*a, **k):
+        raise AssertionError("emitted again: the disk cache was not read")
+
+    monkeypatch.setattr(cpu_x86_emit, "emit", no_emission)
+    crow, col, values = _parts(w, torch.float32)        # new tensors, the same bytes
+    again = csr_jit_cpu.program_for(crow, col, values, 45, 70)
+    assert again is not first and again.code.size == first.code.size and torch.equal(again.values, first.values)
+    x = randn(19, 70, generator=gen)
+    torch.testing.assert_close(csr_jit_cpu.csr_jit_cpu_host(x, crow, col, values, 45, 70), x @ w.t(),
+                               rtol=1e-5, atol=1e-5)
+    values.mul_(2)                                       # another weight: another key, emitted
+    with pytest.raises(AssertionError, match="emitted again"):
+        csr_jit_cpu.program_for(crow, col, values, 45, 70)
+    monkeypatch.setenv("SPARSIFY_PROGRAM_CACHE", "0")
+    assert not cpu_program_cache.enabled()
