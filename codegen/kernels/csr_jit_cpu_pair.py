@@ -116,7 +116,7 @@ def _bound(fn, tensors, k_in, a_n_out, n_out):
         xc = x.reshape(m, k_in).contiguous()
         r = residual.reshape(m, n_out).contiguous() if residual is not None else None
         threads = torch.get_num_threads()
-        work = scratch(cpu_jit_pair_source.scratch_floats(k_in, a_n_out, n_out, threads))
+        work = scratch(cpu_jit_pair_source.scratch_floats(k_in, a_n_out, n_out, threads, m))
         fn(p1.table.data_ptr(), p1.segments, p1.values.data_ptr(), p2.table.data_ptr(), p2.segments,
            p2.values.data_ptr(), xc.data_ptr(), ptr(a_bias), ptr(bias), ptr(r), y.data_ptr(), m, threads,
            work.data_ptr())
