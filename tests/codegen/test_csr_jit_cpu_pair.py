@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from kernel_utils import TOLERANCE, poison, randn, rel_l2
-from sparsify.codegen import cpu_build, cpu_exec
+from sparsify.codegen import cpu_build, cpu_exec, cpu_jit_pair_source
 from sparsify.codegen.epilogue import ACTIVATIONS, activation_reference
 from sparsify.codegen.kernels import csr_jit_cpu, csr_jit_cpu_pair
 from sparsify.codegen.kernels.csr_linear import csr_parts, pack_csr
 
 pytestmark = pytest.mark.skipif(cpu_build.compiler() is not None or cpu_exec.unsupported() is not None,
                                 reason=f"{cpu_build.compiler() or cpu_exec.unsupported()}")
-TOKENS = (1, 15, 16, 17, 33, 130)
+# a tile partly used, whole, whole + 1, several; past ROW_SPLIT_BELOW tiles a thread (the tile-split path)
+TOKENS = (1, 15, 16, 17, 33, 130, 16 * cpu_jit_pair_source.ROW_SPLIT_BELOW * torch.get_num_threads() + 21)
 TIGHT = {torch.float32: 1e-5, torch.float16: TOLERANCE[torch.float16], torch.bfloat16: TOLERANCE[torch.bfloat16]}
 
 
@@ -89,11 +90,12 @@ def test_rounded_once_to_the_output_type(out_dtype, gen):
     _check(randn(37, 40, generator=gen), layers, "relu", True, True, None, "none", out_dtype)
 
 
-def test_the_same_bits_as_the_two_ops_it_replaces(gen):
+@pytest.mark.parametrize("m", (45, 16 * cpu_jit_pair_source.ROW_SPLIT_BELOW * torch.get_num_threads() + 3))
+def test_the_same_bits_as_the_two_ops_it_replaces(m, gen):
     """Both run the same programs on the same fp32 tiles: fusing changes where the hidden activation
-    lives, not one rounding."""
+    lives, not one rounding (rows split and tiles split)."""
     wa, (ca, cola, va), ba, wb, (cb, colb, vb), bb = _layers(48, 112, 40, gen, sparsity=0.9)
-    x, residual = randn(45, 48, generator=gen), randn(45, 40, generator=gen)
+    x, residual = randn(m, 48, generator=gen), randn(m, 40, generator=gen)
     h = csr_jit_cpu.csr_jit_cpu_host(x, ca, cola, va, 112, 48, "row", ba, None, "gelu")
     two = csr_jit_cpu.csr_jit_cpu_host(h, cb, colb, vb, 40, 112, "row", bb, residual, "none")
     one = torch.ops.sparsify.csr_jit_cpu_pair(x, ca, cola, va, 112, ba, "gelu", cb, colb, vb, 40, 48, bb, residual,
