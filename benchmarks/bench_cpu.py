@@ -20,6 +20,14 @@ interleaved in one run (ratios of minima):
     sparsify-jit-fm  sparsify::csr_jit_cpu_linear, layout "feature"
     sparsify-bsr-blocks  sparsify::bsr_blocks_linear                   (block patterns: a dense product per block)
 
+Composite cases (fp32, 90% unstructured, BERT-base sizes), what the lower passes make of a graph:
+    q|k|v         three 768->768 layers on one x: three calls, and one over the stacked rows (stack_siblings)
+    FFN           768->3072, GELU, 3072->768 + residual: two csr_jit_cpu ops, and one csr_jit_cpu_pair
+                  (fuse_pairs); "-cold" rows cycle six such FFNs (more weights than the L3 holds), as
+                  a model's layers run
+    attention     12 heads x 128 tokens x 64, additive mask: torch's scaled_dot_product_attention
+                  (the baseline) and the generated attention_cpu (lower_attention), per batch M / 128
+
 bf16 (--dtypes bfloat16): dense is F.linear in bf16 (oneDNN), ours stores bf16 and accumulates in
 fp32; torch's CSR matmul has no bf16 CPU kernel (its rows say so).
 
@@ -66,7 +74,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsities", type=H.floats, default=None)
     p.add_argument("--dtypes", type=H.names_from(("float32", "bfloat16")), default=("float32",))
     p.add_argument("--no-model", action="store_true", help="per layer only")
-    p.add_argument("--only-stacked", action="store_true", help="only the q|k|v case (stack_siblings)")
+    p.add_argument("--only-stacked", action="store_true", help="only the composite cases (q|k|v, FFN, attention)")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--tol", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +152,88 @@ def run_layers(args, timer, table, results):
             _run_shape(args, timer, table, results, gen, k, n, args.M or shape_ms, dtype, sparsities, blocks)
     for m in args.M or ((5,) if args.smoke else STACKED_MS):
         _run_stacked(args, timer, table, results, gen, 48 if args.smoke else 768, m)
+    for m in args.M or ((5,) if args.smoke else STACKED_MS):
+        _run_ffn(args, timer, table, results, gen, (48, 96) if args.smoke else (768, 3072), m)
+    for m in args.M or ((32,) if args.smoke else (128, 2048)):
+        _run_attention(args, timer, table, results, gen, (2, 32) if args.smoke else (12, 64), m)
+
+
+def _sparse(n, k, gen, sparsity=0.9):
+    from sparsify.passes.analysis import criteria
+
+    w = torch.randn(n, k, generator=gen) / k ** 0.5
+    w = w * criteria.unstructured_mask(w.abs(), sparsity, per_row=False)
+    crow, col, values = _csr_parts(w)
+    return w, torch.randn(n, generator=gen), crow, col, values.contiguous()
+
+
+def _run_ffn(args, timer, table, results, gen, dims, m):
+    """An FFN (d -> h, GELU, h -> d + residual, 90%): dense, two csr_jit_cpu ops, one csr_jit_cpu_pair;
+    hot (the same FFN called again) and cold (six FFNs cycled: their weights stream from memory)."""
+    from sparsify.codegen.kernels import csr_jit_cpu
+
+    if csr_jit_cpu._supports(None, torch.float32, ()) is not None:
+        print(f"FFN case skipped: {csr_jit_cpu._supports(None, torch.float32, ())}", flush=True)
+        return
+    d, h = dims
+    ffns = [(_sparse(h, d, gen), _sparse(d, h, gen)) for _ in range(1 if args.smoke else 6)]
+    x, res = torch.randn(1, m, d, generator=gen), torch.randn(1, m, d, generator=gen)
+    jit, pair = torch.ops.sparsify.csr_jit_cpu_linear, torch.ops.sparsify.csr_jit_cpu_pair
+
+    def dense(f):
+        (w1, b1, *_), (w2, b2, *_) = f
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2) + res
+
+    def two(f):
+        (_, b1, c1, i1, v1), (_, b2, c2, i2, v2) = f
+        return jit(jit(x, c1, i1, v1, h, d, "row", b1, None, "gelu"), c2, i2, v2, d, h, "row", b2, res)
+
+    def one(f):
+        (_, b1, c1, i1, v1), (_, b2, c2, i2, v2) = f
+        return pair(x, c1, i1, v1, h, b1, "gelu", c2, i2, v2, d, d, b2, res, "none", None)
+
+    for cold in (False, True):
+        chosen = ffns if cold else ffns[:1]
+        ref = lambda: dense(ffns[-1] if cold else ffns[0])  # noqa: E731
+        cycle = lambda fn: (lambda: [fn(f) for f in chosen][-1])  # noqa: E731
+        providers = [
+            H.Provider("dense", cycle(dense), "dense", ref=ref, baseline=True, note=f"{len(chosen)} FFN(s) a call"),
+            H.Provider("sparsify-jit x2", cycle(two), "unstructured 0.9", ref=ref, note="two ops"),
+            H.Provider("sparsify-jit pair", cycle(one), "unstructured 0.9", ref=ref, note="one op (fuse_pairs)"),
+        ]
+        rows = H.run_case({"shape": f"{d}->{h}->{d} (FFN{'-cold' if cold else ''})", "M": m, "dtype": "float32"},
+                          providers, timer, args.tol)
+        for row in table.add(rows):
+            print(table.line(row), flush=True)
+        results.progress(table.markdown, table.rows)
+
+
+def _run_attention(args, timer, table, results, gen, heads_dim, m):
+    """Attention of M / 128 sequences of 128 tokens (fewer for --smoke) from a packed q|k|v projection,
+    with an additive mask: torch's scaled_dot_product_attention and attention_cpu."""
+    from sparsify.codegen.kernels import attention_cpu
+
+    if attention_cpu.unsupported() is not None:
+        print(f"attention case skipped: {attention_cpu.unsupported()}", flush=True)
+        return
+    heads, dim = heads_dim
+    seq = min(m, 128)
+    b = max(1, m // seq)
+    qkv = torch.randn(b, seq, 3 * heads * dim, generator=gen)
+    q, k, v = (t.view(b, seq, heads, dim).transpose(1, 2) for t in qkv.split(heads * dim, -1))
+    mask = torch.zeros(b, 1, 1, seq)
+    mask[0, ..., -seq // 8:] = torch.finfo(torch.float32).min          # padding in one sequence
+    ref = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    providers = [
+        H.Provider("torch sdpa", ref, "dense", ref=ref, baseline=True, note="torch's CPU attention"),
+        H.Provider("sparsify-attention", lambda: attention_cpu.attention_cpu_host(q, k, v, mask), "dense", ref=ref,
+                   note="generated kernel (lower_attention)"),
+    ]
+    rows = H.run_case({"shape": f"attention {b}x{heads}x{seq}x{dim}", "M": b * seq, "dtype": "float32"}, providers,
+                      timer, args.tol)
+    for row in table.add(rows):
+        print(table.line(row), flush=True)
+    results.progress(table.markdown, table.rows)
 
 
 def _run_stacked(args, timer, table, results, gen, d, m):
@@ -174,6 +264,14 @@ def _run_stacked(args, timer, table, results, gen, d, m):
         H.Provider("sparsify-cpu stacked", lambda: cpu(x, s["crow"], s["col"], s["values"], 3 * d, d, bias=s["bias"]),
                    "unstructured 0.9", ref=ref, note="one call over the stacked rows (stack_siblings)"),
     ]
+    if hasattr(torch.ops.sparsify, "csr_jit_cpu_linear"):
+        from sparsify.codegen.kernels import csr_jit_cpu
+
+        if csr_jit_cpu._supports(None, torch.float32, ()) is None:
+            jit = torch.ops.sparsify.csr_jit_cpu_linear
+            providers.append(H.Provider("sparsify-jit stacked", lambda: jit(x, s["crow"], s["col"], s["values"], 3 * d,
+                                                                             d, bias=s["bias"]),
+                                        "unstructured 0.9", ref=ref, note="emitted code, one call over the stacked rows"))
     rows = H.run_case({"shape": f"{d}->3x{d} (q|k|v)", "M": m, "dtype": "float32"}, providers, timer, args.tol)
     for row in table.add(rows):
         print(table.line(row), flush=True)
