@@ -26,6 +26,18 @@ def randn(*shape, dtype=torch.float32, device="cpu", generator=None) -> torch.Te
     return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+def csr_pattern_weight(n, k, sparsity, gen):
+    """A random [n, k] weight at about `sparsity`, with the rows a CSR kernel must get right: (when
+    n >= 3) an empty row, a full row and a row of one nonzero."""
+    w = randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= sparsity)
+    if n >= 3:
+        w[0] = 0
+        w[1] = randn(k, generator=gen)
+        w[2] = 0
+        w[2, k // 2] = 1.5
+    return w
+
+
 def conv_f64(x, w, bias, stride, padding, dilation, residual, activation):
     """Ground truth for the sparse convs: float64 F.conv2d on the dense (masked) weight, then the
     epilogue (activation, residual), in NCHW."""

@@ -30,9 +30,8 @@ import torch.fx as fx
 from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.pipeline import PassContext, PassResult, register_pass
-from sparsify.timing import CostModel
 
-from ._example_calls import call_args, substitute
+from ._example_calls import call_args, faster_form, substitute
 
 aten = torch.ops.aten
 PASS = "assign_layouts"
@@ -208,8 +207,6 @@ def _runner(gm: fx.GraphModule, chain: list[fx.Node], feature: bool, device: tor
 
 def _handoff_faster(gm: fx.GraphModule, chain: list[fx.Node], ctx: PassContext) -> tuple[bool, str]:
     """(switch?, what was measured): the chain token-major against feature-major, interleaved."""
-    costs = ctx.state.costs or CostModel(ctx.device, ctx.config.timing_repeats)
-    ctx.state.costs = costs
     x_shape, x_dtype = ir.tensor_meta(ir.op_arg(chain[0], "x")[1])
     parts = []
     for n in chain:
@@ -218,13 +215,9 @@ def _handoff_faster(gm: fx.GraphModule, chain: list[fx.Node], ctx: PassContext) 
                       ir.op_arg(n, "activation")[1], ir.op_arg(n, "bias")[1] is not None,
                       ir.op_arg(n, "residual")[1] is not None, ir.op_arg(n, "out_dtype")[1]))
     key = ("layout-chain", tuple(x_shape), x_dtype, tuple(parts))
-    row, feature = costs.compare([(costs.key(*key, "row"), _runner(gm, chain, False, ctx.device)),
-                                  (costs.key(*key, "feature"), _runner(gm, chain, True, ctx.device))])
-    if row.ms is None or feature.ms is None:
-        return False, f"not timed ({row.error or feature.error}): kept token-major"
-    faster = feature.ms < row.ms
-    return faster, (f"token-major {row.ms:.4f} ms, feature-major handoff {feature.ms:.4f} ms: "
-                    + ("switched" if faster else "kept token-major"))
+    return faster_form(ctx, key, ("token-major", _runner(gm, chain, False, ctx.device)),
+                       ("feature-major handoff", _runner(gm, chain, True, ctx.device)), "switched",
+                       "kept token-major")
 
 
 @register_pass(PASS, phase="lower", default=True)

@@ -21,9 +21,8 @@ import torch.fx as fx
 from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.pipeline import PassContext, PassResult, register_pass
-from sparsify.timing import CostModel
 
-from ._example_calls import call_args, substitute
+from ._example_calls import call_args, faster_form, substitute
 
 aten = torch.ops.aten
 PASS = "fuse_pairs"
@@ -116,16 +115,8 @@ def _key(a: fx.Node, b: fx.Node, pair) -> tuple:
 
 
 def _faster(gm, a, b, pair, ctx: PassContext) -> tuple[bool, str]:
-    costs = ctx.state.costs or CostModel(ctx.device, ctx.config.timing_repeats)
-    ctx.state.costs = costs
     two, one = _runners(gm, a, b, pair, ctx.device)
-    key = _key(a, b, pair)
-    t_two, t_one = costs.compare([(costs.key(*key, "two ops"), two), (costs.key(*key, "one op"), one)])
-    if t_two.ms is None or t_one.ms is None:
-        return False, f"not timed ({t_two.error or t_one.error}): kept as two ops"
-    faster = t_one.ms < t_two.ms
-    return faster, (f"two ops {t_two.ms:.4f} ms, {pair.name} {t_one.ms:.4f} ms: "
-                    + ("fused" if faster else "kept as two ops"))
+    return faster_form(ctx, _key(a, b, pair), ("two ops", two), (pair.name, one), "fused", "kept as two ops")
 
 
 def _fuse(gm: fx.GraphModule, a: fx.Node, b: fx.Node, pair) -> fx.Node:

@@ -19,7 +19,8 @@ import torch.fx as fx
 from sparsify import ir
 from sparsify.codegen.kernels import attention_cpu
 from sparsify.pipeline import PassContext, PassResult, register_pass
-from sparsify.timing import CostModel
+
+from ._example_calls import faster_form
 
 aten = torch.ops.aten
 PASS = "lower_attention"
@@ -61,8 +62,6 @@ def _candidate(node: fx.Node, gen: torch.Generator):
 
 
 def _faster(node: fx.Node, example, ctx: PassContext) -> tuple[bool, str]:
-    costs = ctx.state.costs or CostModel(ctx.device, ctx.config.timing_repeats)
-    ctx.state.costs = costs
     q, k, v, mask, is_causal, scale = example
     key = ("attention", attention_cpu.KERNEL_VERSION,
            *[(tuple(t.shape), t.stride()) if t is not None else None for t in (q, k, v, mask)],
@@ -70,12 +69,7 @@ def _faster(node: fx.Node, example, ctx: PassContext) -> tuple[bool, str]:
     theirs = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
         q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
     ours = lambda: attention_cpu.attention_cpu_host(q, k, v, mask, is_causal, scale)  # noqa: E731
-    t_theirs, t_ours = costs.compare([(costs.key(*key, "torch"), theirs), (costs.key(*key, "ours"), ours)])
-    if t_theirs.ms is None or t_ours.ms is None:
-        return False, f"not timed ({t_theirs.error or t_ours.error}): torch's kept"
-    faster = t_ours.ms < t_theirs.ms
-    return faster, (f"torch {t_theirs.ms:.4f} ms, attention_cpu {t_ours.ms:.4f} ms: "
-                    + ("replaced" if faster else "torch's kept"))
+    return faster_form(ctx, key, ("torch", theirs), ("attention_cpu", ours), "replaced", "torch's kept")
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, where: str, why: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_utils import TOLERANCE, check_csr_host, randn, rel_l2
+from kernel_utils import TOLERANCE, csr_pattern_weight, check_csr_host, randn, rel_l2
 from sparsify.codegen import cpu_build, cpu_exec, cpu_x86_emit, registry
 from sparsify.codegen.epilogue import ACTIVATIONS
 from sparsify.codegen.kernels import csr_cpu, csr_jit_cpu
@@ -31,14 +31,7 @@ def gen(request):
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def _weight(n, k, sparsity, gen):
-    w = randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= sparsity)
-    if n >= 3:
-        w[0] = 0                                  # an empty row
-        w[1] = randn(k, generator=gen)            # a full row
-        w[2] = 0
-        w[2, k // 2] = 1.5                        # one nonzero
-    return w
+_weight = csr_pattern_weight
 
 
 def _parts(w, dtype):

@@ -9,7 +9,7 @@ import zlib
 import pytest
 import torch
 
-from kernel_utils import TOLERANCE, poison, randn, rel_l2
+from kernel_utils import TOLERANCE, csr_pattern_weight, poison, randn, rel_l2
 from sparsify.codegen import cpu_build, cpu_exec, cpu_jit_pair_source
 from sparsify.codegen.epilogue import ACTIVATIONS, activation_reference
 from sparsify.codegen.kernels import csr_jit_cpu, csr_jit_cpu_pair
@@ -27,13 +27,7 @@ def gen(request):
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
-def _weight(n, k, sparsity, gen):
-    w = randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) >= sparsity)
-    w[0] = 0                                  # an empty row
-    w[1] = randn(k, generator=gen)            # a full row
-    w[2] = 0
-    w[2, k // 2] = 1.5                        # one nonzero
-    return w
+_weight = csr_pattern_weight
 
 
 def _csr(w):
