@@ -26,7 +26,10 @@ def plan_sites(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     state.prepared.clear()
     sites = list(state.sites.values())
     if cfg.model_sensitivity and ctx.calibration and sites:
-        state.sensitivity = ModelSensitivity(gm, ctx.calibration, cfg.metric, cfg.output)
+        # Config.output selects from the model's output; a part captured alone (ctx.part_prefix) has
+        # its own outputs, all of which it is judged on here (verification judges the model's)
+        output = cfg.output if not ctx.part_prefix else None
+        state.sensitivity = ModelSensitivity(gm, ctx.calibration, cfg.metric, output)
     for fam in families():
         mine = [s for s in sites if s.family == fam.name]
         if mine:

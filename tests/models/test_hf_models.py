@@ -408,3 +408,21 @@ def test_opt_with_its_default_cache_has_its_decoder_layers_planned():
     with torch.no_grad():
         out, ref = sm(ids), model(ids)
     assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
+
+
+def test_an_output_selection_applies_to_the_model_not_to_a_part_captured_alone():
+    """GPT-2 with SDPA attention is captured in parts; Config.output names the model's output
+    (last_hidden_state), which a part's tensor output does not have: each part is judged on its own
+    outputs, the model on the selected one."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64)).eval()
+    x = {"input_ids": torch.randint(0, VOCAB, (2, 16))}
+    cfg = sparsify.Config(weight=sparsify.Unstructured(0.5), output="last_hidden_state", force=True, max_error=10.0,
+                          kernels=("csr_torch",), timing_repeats=1, check_model_speed=False)
+    sm = sparsify.compile(model, x, cfg, progress=False)
+    assert not sm.capture_info.whole and sm.plan.sparse_layers()
+    with torch.no_grad():
+        out, ref = sm(**x).last_hidden_state, model(**x).last_hidden_state
+    assert torch.isfinite(out).all() and out.shape == ref.shape
