@@ -33,8 +33,8 @@ _BODY = r"""
 #define CAUSAL {causal}
 #define MASK_BYTES {mask_bytes}   /* fp32 additive mask (HAS_MASK 1) or bool (2); its strides count elements */
 #include <float.h>
-#define QR 8
-#define KB 32
+#define QR {qr}
+#define KB {kb}
 
 static inline vf vld(const float* p) {{ vf v; memcpy(&v, p, sizeof v); return v; }}
 static inline void vst(float* p, vf v) {{ memcpy(p, &v, sizeof v); }}
@@ -158,7 +158,7 @@ def source(d: int, mask: str | None, causal: bool) -> tuple[str, str]:
     if mask not in MASKS:
         raise ValueError(f"attention mask must be one of {sorted(map(str, MASKS))}, got {mask!r}")
     name = f"attention_d{d}_m{MASKS[mask]}_c{int(causal)}"
-    body = _BODY.format(d=d, has_mask=MASKS[mask], causal=int(causal), name=name, mask_bytes=4 if mask == "float32" else 1,
+    body = _BODY.format(d=d, qr=QUERY_ROWS, kb=KEY_BLOCK, has_mask=MASKS[mask], causal=int(causal), name=name, mask_bytes=4 if mask == "float32" else 1,
                         transpose=_transpose_source())
     return (f"/* sparsify generated attention kernel {name} (template {TEMPLATE_VERSION}) */\n#define NV 1\n"
             + _HEADER + body), name

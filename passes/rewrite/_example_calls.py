@@ -4,10 +4,13 @@ against another (assign_layouts, fuse_pairs, lower_attention): weights are the g
 timing of the two forms itself."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.fx as fx
 
 from sparsify import ir
+from sparsify.codegen import registry
 from sparsify.timing import CostModel
 
 GIVEN = object()   # an argument supplied at call time (the previous op's output)
@@ -36,14 +39,25 @@ def substitute(values, out):
     return [out if v is GIVEN else v for v in values]
 
 
+def op_signature(node: fx.Node) -> tuple:
+    """What a sparse op's time depends on besides its input's shape: kernel and version, N, K, epilogue."""
+    spec = registry.spec_of(node.target)
+    return (spec.name, spec.version, ir.op_arg(node, "n_out")[1], ir.op_arg(node, "k_in")[1],
+            ir.op_arg(node, "activation")[1], ir.op_arg(node, "bias")[1] is not None,
+            ir.op_arg(node, "residual")[1] is not None, ir.op_arg(node, "out_dtype")[1])
 
-def faster_form(ctx, key: tuple, kept: tuple, other: tuple, switched: str, kept_as: str) -> tuple[bool, str]:
-    """(is `other` faster?, what was measured): the graph's form kept = (label, fn) and the other
-    (label, fn), interleaved through the compile's cost model (cached under `key` + each label)."""
+
+def faster_form(ctx, key: tuple, labels: tuple[str, str], make, switched: str, kept_as: str) -> tuple[bool, str]:
+    """(is the other form faster?, what was measured): the graph's form and the other, labels[0] and
+    labels[1], interleaved through the compile's cost model (cached under `key` + each label).
+    make() -> (the kept form's fn, the other's) builds their example inputs; it runs only when the
+    cost cache has no answer (a warm compile builds none)."""
     costs = ctx.state.costs or CostModel(ctx.device, ctx.config.timing_repeats)
     ctx.state.costs = costs
-    (kept_label, kept_fn), (other_label, other_fn) = kept, other
-    t_kept, t_other = costs.compare([(costs.key(*key, kept_label), kept_fn), (costs.key(*key, other_label), other_fn)])
+    kept_label, other_label = labels
+    forms = functools.cache(make)
+    t_kept, t_other = costs.compare([(costs.key(*key, kept_label), lambda: forms()[0]()),
+                                     (costs.key(*key, other_label), lambda: forms()[1]())])
     if t_kept.ms is None or t_other.ms is None:
         return False, f"not timed ({t_kept.error or t_other.error}): {kept_as}"
     faster = t_other.ms < t_kept.ms

@@ -31,7 +31,7 @@ from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.pipeline import PassContext, PassResult, register_pass
 
-from ._example_calls import call_args, faster_form, substitute
+from ._example_calls import call_args, faster_form, op_signature, substitute
 
 aten = torch.ops.aten
 PASS = "assign_layouts"
@@ -208,32 +208,23 @@ def _runner(gm: fx.GraphModule, chain: list[fx.Node], feature: bool, device: tor
 def _handoff_faster(gm: fx.GraphModule, chain: list[fx.Node], ctx: PassContext) -> tuple[bool, str]:
     """(switch?, what was measured): the chain token-major against feature-major, interleaved."""
     x_shape, x_dtype = ir.tensor_meta(ir.op_arg(chain[0], "x")[1])
-    parts = []
-    for n in chain:
-        spec = registry.spec_of(n.target)
-        parts.append((spec.name, spec.version, ir.op_arg(n, "n_out")[1], ir.op_arg(n, "k_in")[1],
-                      ir.op_arg(n, "activation")[1], ir.op_arg(n, "bias")[1] is not None,
-                      ir.op_arg(n, "residual")[1] is not None, ir.op_arg(n, "out_dtype")[1]))
-    key = ("layout-chain", tuple(x_shape), x_dtype, tuple(parts))
-    return faster_form(ctx, key, ("token-major", _runner(gm, chain, False, ctx.device)),
-                       ("feature-major handoff", _runner(gm, chain, True, ctx.device)), "switched",
-                       "kept token-major")
+    key = ("layout-chain", tuple(x_shape), x_dtype, tuple(op_signature(n) for n in chain))
+    return faster_form(ctx, key, ("token-major", "feature-major handoff"),
+                       lambda: (_runner(gm, chain, False, ctx.device), _runner(gm, chain, True, ctx.device)),
+                       "switched", "kept token-major")
 
 
 @register_pass(PASS, phase="lower", default=True)
 def assign_layouts(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     chains = [c for c in _chains(gm) if ir.tensor_meta(ir.op_arg(c[0], "x")[1])[0] is not None]
-    switched, decisions = [], {}
+    switched = []
     for chain in chains:
         faster, why = _handoff_faster(gm, chain, ctx)
-        where = " -> ".join(n.meta[ir.FROM].fqn for n in chain)
-        decisions[where] = why
-        ctx.state.note(PASS, where, why)
+        ctx.state.note(PASS, " -> ".join(n.meta[ir.FROM].fqn for n in chain), why)
         if faster:
             _switch(gm, chain)
             switched.append(chain)
     if switched:
         gm.graph.lint()
         gm.recompile()
-    return PassResult(gm, modified=bool(switched), info={"chains": [len(c) for c in switched],
-                                                         "decisions": decisions})
+    return PassResult(gm, modified=bool(switched), info={"chains": [len(c) for c in switched]})

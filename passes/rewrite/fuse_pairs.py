@@ -22,7 +22,7 @@ from sparsify import ir
 from sparsify.codegen import registry
 from sparsify.pipeline import PassContext, PassResult, register_pass
 
-from ._example_calls import call_args, faster_form, substitute
+from ._example_calls import call_args, faster_form, op_signature, substitute
 
 aten = torch.ops.aten
 PASS = "fuse_pairs"
@@ -104,19 +104,13 @@ def _runners(gm: fx.GraphModule, a: fx.Node, b: fx.Node, pair, device: torch.dev
 
 
 def _key(a: fx.Node, b: fx.Node, pair) -> tuple:
-    parts = []
-    for n in (a, b):
-        spec = registry.spec_of(n.target)
-        parts.append((spec.name, spec.version, ir.op_arg(n, "n_out")[1], ir.op_arg(n, "k_in")[1],
-                      ir.op_arg(n, "activation")[1], ir.op_arg(n, "bias")[1] is not None,
-                      ir.op_arg(n, "residual")[1] is not None, ir.op_arg(n, "out_dtype")[1]))
     x_shape, x_dtype = ir.tensor_meta(ir.op_arg(a, "x")[1])
-    return ("pair", pair.name, pair.version, tuple(x_shape), x_dtype, tuple(parts))
+    return ("pair", pair.name, pair.version, tuple(x_shape), x_dtype, (op_signature(a), op_signature(b)))
 
 
 def _faster(gm, a, b, pair, ctx: PassContext) -> tuple[bool, str]:
-    two, one = _runners(gm, a, b, pair, ctx.device)
-    return faster_form(ctx, _key(a, b, pair), ("two ops", two), (pair.name, one), "fused", "kept as two ops")
+    return faster_form(ctx, _key(a, b, pair), ("two ops", pair.name), lambda: _runners(gm, a, b, pair, ctx.device),
+                       "fused", "kept as two ops")
 
 
 def _fuse(gm: fx.GraphModule, a: fx.Node, b: fx.Node, pair) -> fx.Node:

@@ -31,26 +31,35 @@ def _arg(node: fx.Node, name: str, default=None):
     return default if value is None else value
 
 
-def _example(node, gen: torch.Generator) -> torch.Tensor | None:
-    """A random tensor with the node's recorded shape, strides and dtype (bool: mostly True)."""
+def _example(node) -> torch.Tensor | None:
+    """An unfilled tensor with the node's recorded shape, strides and dtype (filled only to be timed)."""
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return None
-    shape, stride = tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride())
-    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
-    flat = torch.randn(size, generator=gen) if val.dtype != torch.bool else torch.rand(size, generator=gen) > 0.1
-    return torch.as_strided(flat.to(val.dtype), shape, stride)
+    return torch.empty_strided(tuple(int(s) for s in val.shape), tuple(int(s) for s in val.stride()),
+                               dtype=val.dtype)
 
 
-def _candidate(node: fx.Node, gen: torch.Generator):
+def _fill(t: torch.Tensor | None, gen: torch.Generator) -> None:
+    """Random values in place (bool: mostly True), through the whole storage the strides reach."""
+    if t is None:
+        return
+    flat = torch.as_strided(t, (t.untyped_storage().nbytes() // t.element_size(),), (1,))
+    if t.dtype == torch.bool:
+        flat.copy_(torch.rand(flat.shape, generator=gen) > 0.1)
+    else:
+        flat.copy_(torch.randn(flat.shape, generator=gen))
+
+
+def _candidate(node: fx.Node):
     """(q, k, v, mask, is_causal, scale) examples if the kernel can run this node, else (None, why)."""
     if _arg(node, "dropout_p", 0.0) != 0.0:
         return None, "dropout"
     if _arg(node, "enable_gqa", False):
         return None, "grouped-query heads"
-    q, k, v = (_example(_arg(node, n), gen) for n in ("query", "key", "value"))
+    q, k, v = (_example(_arg(node, n)) for n in ("query", "key", "value"))
     mask_node = _arg(node, "attn_mask")
-    mask = _example(mask_node, gen) if mask_node is not None else None
+    mask = _example(mask_node) if mask_node is not None else None
     if q is None or k is None or v is None or (mask_node is not None and mask is None):
         return None, "no recorded shapes"
     is_causal, scale = bool(_arg(node, "is_causal", False)), _arg(node, "scale")
@@ -66,10 +75,16 @@ def _faster(node: fx.Node, example, ctx: PassContext) -> tuple[bool, str]:
     key = ("attention", attention_cpu.KERNEL_VERSION,
            *[(tuple(t.shape), t.stride()) if t is not None else None for t in (q, k, v, mask)],
            None if mask is None else mask.dtype, is_causal, scale)
-    theirs = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
-    ours = lambda: attention_cpu.attention_cpu_host(q, k, v, mask, is_causal, scale)  # noqa: E731
-    return faster_form(ctx, key, ("torch", theirs), ("attention_cpu", ours), "replaced", "torch's kept")
+
+    def forms():
+        gen = torch.Generator().manual_seed(0)
+        for t in (q, k, v, mask):
+            _fill(t, gen)
+        return (lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                                         scale=scale),
+                lambda: attention_cpu.attention_cpu_host(q, k, v, mask, is_causal, scale))
+
+    return faster_form(ctx, key, ("torch", "attention_cpu"), forms, "replaced", "torch's kept")
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, where: str, why: str) -> None:
@@ -99,11 +114,10 @@ def lower_attention(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     if why_not is not None:
         ctx.state.note(PASS, "attention", f"torch's kept: {why_not}")
         return PassResult(gm, modified=False, info={"replaced": 0})
-    gen = torch.Generator().manual_seed(0)
     replaced = 0
     for node in nodes:
         where = _where(node)
-        example, why = _candidate(node, gen)
+        example, why = _candidate(node)
         if example is None:
             ctx.state.note(PASS, where, f"torch's kept: {why}")
             continue
